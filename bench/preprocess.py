@@ -65,9 +65,15 @@ def encode_ceiling(path: Path, model: str, chunk_bytes: int) -> tuple[float, int
 
 def run_pipeline(path: Path, model: str, workers: int, out_dir: Path) -> tuple[float, int, int]:
     """End-to-end preprocess time: (seconds, documents, tokens)."""
-    config = PreprocessConfig(inputs=[str(path)], output_prefix=str(out_dir / f"bench_w{workers}"),
-                              tokenizer_type="SentencePieceTokenizer", tokenizer_model=model,
-                              append_eod=True, workers=workers, progress=False)
+    config = PreprocessConfig(
+        inputs=[str(path)],
+        output_prefix=str(out_dir / f"bench_w{workers}"),
+        tokenizer_type="SentencePieceTokenizer",
+        tokenizer_model=model,
+        append_eod=True,
+        workers=workers,
+        progress=False,
+    )
     start = time.perf_counter()
     stats = preprocess(config)
     return time.perf_counter() - start, stats.documents["text"], stats.tokens["text"] - stats.documents["text"]
@@ -88,25 +94,40 @@ def main() -> None:
         nbytes = write_slice(args.input, int(args.max_mb * 1e6), text)
         model = args.tokenizer_model
         if model is None:
-            train_tokenizer(TokenizerTrainingConfig(inputs=[str(text)], model_prefix=str(work / "sp"),
-                                                    vocab_size=args.vocab_size, max_sentences=200_000))
+            train_tokenizer(
+                TokenizerTrainingConfig(
+                    inputs=[str(text)], model_prefix=str(work / "sp"), vocab_size=args.vocab_size, max_sentences=200_000
+                )
+            )
             model = str(work / "sp.model")
         chunk_bytes = PreprocessConfig(inputs=[], output_prefix="", tokenizer_type="").chunk_bytes
-        rows = [("SentencePiece encode only (ceiling, 1 process)", min(
-            (encode_ceiling(text, model, chunk_bytes) for _ in range(args.repeats)), key=lambda r: r[0]))]
+        rows = [
+            (
+                "SentencePiece encode only (ceiling, 1 process)",
+                min((encode_ceiling(text, model, chunk_bytes) for _ in range(args.repeats)), key=lambda r: r[0]),
+            )
+        ]
         for workers in (1, 2):
-            rows.append((f"preprocess_data.py --workers {workers}", min(
-                (run_pipeline(text, model, workers, work) for _ in range(args.repeats)), key=lambda r: r[0])))
+            rows.append(
+                (
+                    f"preprocess_data.py --workers {workers}",
+                    min((run_pipeline(text, model, workers, work) for _ in range(args.repeats)), key=lambda r: r[0]),
+                )
+            )
 
     ceiling = rows[0][1][0]
-    print(f"input: {args.input.name}, first {nbytes / 1e6:.1f} MB ({rows[0][1][1]} documents); "
-          f"SentencePiece vocab {args.vocab_size if args.tokenizer_model is None else 'given'}; "
-          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}\n")
+    print(
+        f"input: {args.input.name}, first {nbytes / 1e6:.1f} MB ({rows[0][1][1]} documents); "
+        f"SentencePiece vocab {args.vocab_size if args.tokenizer_model is None else 'given'}; "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}\n"
+    )
     print("| run | seconds | documents/s | tokens/s | MB/s | vs ceiling |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (seconds, docs, tokens) in rows:
-        print(f"| {name} | {seconds:.2f} | {docs / seconds:,.0f} | {tokens / seconds:,.0f} | "
-              f"{nbytes / 1e6 / seconds:.2f} | {ceiling / seconds:.0%} |")
+        print(
+            f"| {name} | {seconds:.2f} | {docs / seconds:,.0f} | {tokens / seconds:,.0f} | "
+            f"{nbytes / 1e6 / seconds:.2f} | {ceiling / seconds:.0%} |"
+        )
 
 
 if __name__ == "__main__":

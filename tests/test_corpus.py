@@ -18,7 +18,7 @@ def test_format_detection(tmp_path):
     cases = {
         "a.jsonl.gz": (gzip.compress(b'{"text": "x"}\n'), "jsonl"),
         "b.json": (b'{"text": "x"}\n', "jsonl"),
-        "c.txt.xz": (lzma.compress(b"\n<doc id=\"1\">\nT\n</doc>\n"), "wikiextractor"),
+        "c.txt.xz": (lzma.compress(b'\n<doc id="1">\nT\n</doc>\n'), "wikiextractor"),
         "d.txt": (b"plain line\n", "text"),
         "e.data": (gzip.compress(b"gzip without a .gz name\n"), "text"),
     }
@@ -63,8 +63,10 @@ def test_bad_lines_keeps_only_first_examples(tmp_path):
     policy = BadLines(skip=True, max_examples=3)
     assert docs(path, bad_lines=policy) == [(("ok",), 9)]
     assert policy.count == 8
-    assert policy.examples == [f"{path}:{i}: malformed JSON (Expecting value at column 1); expected one JSON object per line"
-                               for i in (1, 2, 3)]
+    assert policy.examples == [
+        f"{path}:{i}: malformed JSON (Expecting value at column 1); expected one JSON object per line"
+        for i in (1, 2, 3)
+    ]
 
 
 def test_expand_inputs(tmp_path):

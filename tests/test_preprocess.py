@@ -61,15 +61,28 @@ def summary_counts(out: str) -> dict[str, tuple[int, int, int]]:
     return {m[1]: (int(m[2]), int(m[3]), int(m[4])) for m in SUMMARY_RE.finditer(out)}
 
 
-def assert_round_trip(capsys, inputs: list[str], prefix: Path, model: str, expected: list[str], *extra: str) -> list[np.ndarray]:
+def assert_round_trip(
+    capsys, inputs: list[str], prefix: Path, model: str, expected: list[str], *extra: str
+) -> list[np.ndarray]:
     """Preprocess with --append-eod; decoded documents equal ``expected``; counts match the summary."""
-    code, out, err = run(capsys, "--input", *inputs, "--output-prefix", str(prefix), "--tokenizer-type",
-                         "SentencePieceTokenizer", "--tokenizer-model", model, "--append-eod", *extra)
+    code, out, err = run(
+        capsys,
+        "--input",
+        *inputs,
+        "--output-prefix",
+        str(prefix),
+        "--tokenizer-type",
+        "SentencePieceTokenizer",
+        "--tokenizer-model",
+        model,
+        "--append-eod",
+        *extra,
+    )
     assert code == 0, err
     tokenizer = build_tokenizer("SentencePieceTokenizer", model)
     docs = read_dataset(f"{prefix}_text_document")
     assert len(docs) == len(expected)
-    for doc, text in zip(docs, expected):
+    for doc, text in zip(docs, expected, strict=True):
         assert doc[-1] == tokenizer.eod
         assert tokenizer.detokenize(doc[:-1]) == text
     n_docs, n_tokens, _ = summary_counts(out)["text"]
@@ -97,15 +110,23 @@ def test_round_trip_wikitext_lines(tmp_path, capsys, sp_model):
     lines = lzma.decompress(source.read_bytes()).decode("utf-8").split("\n")[:-1]
     expected = [line for line in lines if line.strip()]
     assert_round_trip(capsys, [str(source)], tmp_path / "wt", sp_model, expected)
-    code, out, _ = run(capsys, "--input", str(source), "--output-prefix", str(tmp_path / "wt2"),
-                       "--tokenizer-type", "ByteLevelTokenizer")
+    code, out, _ = run(
+        capsys,
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(tmp_path / "wt2"),
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+    )
     assert code == 0
     assert summary_counts(out)["text"][2] == len(lines) - len(expected)  # blank lines counted as empty
 
 
 def test_byte_level_round_trip_without_model(tmp_path, capsys, corpus):
-    code, out, _ = run(capsys, "--input", str(corpus), "--output-prefix", str(tmp_path / "b"),
-                       "--tokenizer-type", "ByteLevelTokenizer")
+    code, out, _ = run(
+        capsys, "--input", str(corpus), "--output-prefix", str(tmp_path / "b"), "--tokenizer-type", "ByteLevelTokenizer"
+    )
     assert code == 0
     docs = read_dataset(f"{tmp_path}/b_text_document")
     expected = [record["text"] for record in sample_documents()]
@@ -120,9 +141,22 @@ def test_worker_count_gives_identical_output(tmp_path, capsys, corpus, sp_model,
     outputs = {}
     for n in (1, workers):
         prefix = tmp_path / f"w{n}"
-        code, _, err = run(capsys, "--input", str(big), "--output-prefix", str(prefix), "--tokenizer-type",
-                           "SentencePieceTokenizer", "--tokenizer-model", sp_model, "--append-eod",
-                           "--workers", str(n), "--chunk-bytes", "20000")
+        code, _, err = run(
+            capsys,
+            "--input",
+            str(big),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp_model,
+            "--append-eod",
+            "--workers",
+            str(n),
+            "--chunk-bytes",
+            "20000",
+        )
         assert code == 0, err
         outputs[n] = [Path(f"{prefix}_text_document.{ext}").read_bytes() for ext in ("bin", "idx")]
     assert outputs[1] == outputs[workers]
@@ -142,8 +176,17 @@ def test_compressed_inputs_match_plain(tmp_path, capsys, corpus, sp_model):
     for name, payload in variants.items():
         (tmp_path / name).write_bytes(payload)
         prefix = tmp_path / f"out_{name.replace('.', '_')}"
-        code, _, err = run(capsys, "--input", str(tmp_path / name), "--output-prefix", str(prefix),
-                           "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model)
+        code, _, err = run(
+            capsys,
+            "--input",
+            str(tmp_path / name),
+            "--output-prefix",
+            str(prefix),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp_model,
+        )
         assert code == 0, err
         results.add(tuple(Path(f"{prefix}_text_document.{ext}").read_bytes() for ext in ("bin", "idx")))
     assert len(results) == 1
@@ -157,8 +200,9 @@ def test_directory_and_glob_inputs_keep_order(tmp_path, capsys):
     (data / "sub" / "c.txt").write_text("gamma\n")
     (data / ".hidden.txt").write_text("hidden\n")
     for inputs in ([str(data)], [str(data / "*.txt"), str(data / "sub")]):
-        code, _, err = run(capsys, "--input", *inputs, "--output-prefix", str(tmp_path / "o"),
-                           "--tokenizer-type", "ByteLevelTokenizer")
+        code, _, err = run(
+            capsys, "--input", *inputs, "--output-prefix", str(tmp_path / "o"), "--tokenizer-type", "ByteLevelTokenizer"
+        )
         assert code == 0, err
         docs = [bytes(d.astype(np.uint8)).decode() for d in read_dataset(f"{tmp_path}/o_text_document")]
         assert docs == ["alpha", "beta", "gamma"]
@@ -166,9 +210,22 @@ def test_directory_and_glob_inputs_keep_order(tmp_path, capsys):
 
 def test_several_json_keys_write_one_dataset_each(tmp_path, capsys):
     source = tmp_path / "qa.jsonl"
-    source.write_text("\n".join(json.dumps({"q": f"question {i}", "a": "" if i == 1 else f"answer {i}"}) for i in range(3)) + "\n")
-    code, out, err = run(capsys, "--input", str(source), "--json-keys", "q", "a", "--output-prefix",
-                         str(tmp_path / "qa"), "--tokenizer-type", "ByteLevelTokenizer", "--append-eod")
+    source.write_text(
+        "\n".join(json.dumps({"q": f"question {i}", "a": "" if i == 1 else f"answer {i}"}) for i in range(3)) + "\n"
+    )
+    code, out, err = run(
+        capsys,
+        "--input",
+        str(source),
+        "--json-keys",
+        "q",
+        "a",
+        "--output-prefix",
+        str(tmp_path / "qa"),
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+        "--append-eod",
+    )
     assert code == 0, err
     decode = build_tokenizer("ByteLevelTokenizer").detokenize
     assert [decode(d) for d in read_dataset(f"{tmp_path}/qa_q_document")] == ["question 0", "question 1", "question 2"]
@@ -179,8 +236,16 @@ def test_several_json_keys_write_one_dataset_each(tmp_path, capsys):
 def test_empty_documents_are_skipped_and_counted(tmp_path, capsys):
     source = tmp_path / "lines.txt"
     source.write_text("first\n\n   \nsecond\n\t\n")
-    code, out, _ = run(capsys, "--input", str(source), "--output-prefix", str(tmp_path / "e"),
-                       "--tokenizer-type", "ByteLevelTokenizer", "--append-eod")
+    code, out, _ = run(
+        capsys,
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(tmp_path / "e"),
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+        "--append-eod",
+    )
     assert code == 0
     decode = build_tokenizer("ByteLevelTokenizer").detokenize
     assert [decode(d) for d in read_dataset(f"{tmp_path}/e_text_document")] == ["first", "second"]
@@ -208,8 +273,9 @@ def test_bad_line_stops_with_location_and_leaves_nothing(tmp_path, capsys, case)
     source.parent.mkdir()
     source.write_bytes(payload)
     out_dir = tmp_path / "out"
-    code, _, err = run(capsys, "--input", str(source), "--output-prefix", str(out_dir / "x"),
-                       "--tokenizer-type", "ByteLevelTokenizer")
+    code, _, err = run(
+        capsys, "--input", str(source), "--output-prefix", str(out_dir / "x"), "--tokenizer-type", "ByteLevelTokenizer"
+    )
     assert code == 1
     assert err.strip().splitlines()[-1].startswith(f"error: {source}:{line}: ")
     assert message in err
@@ -222,8 +288,16 @@ def test_skip_bad_lines_counts_and_reports(tmp_path, capsys, case):
     payload, line, _ = BAD_LINES[case]
     source = tmp_path / "bad.jsonl"
     source.write_bytes(payload * 2)  # two bad lines, four good ones
-    code, out, err = run(capsys, "--input", str(source), "--output-prefix", str(tmp_path / "x"),
-                         "--tokenizer-type", "ByteLevelTokenizer", "--skip-bad-lines")
+    code, out, err = run(
+        capsys,
+        "--input",
+        str(source),
+        "--output-prefix",
+        str(tmp_path / "x"),
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+        "--skip-bad-lines",
+    )
     assert code == 0, err
     assert "skipped lines: 2" in out
     assert f"{source}:{line}: " in out and f"{source}:{line + 3}: " in out
@@ -235,8 +309,15 @@ def test_truncated_compressed_file_is_reported(tmp_path, capsys, corpus):
     good.write_text('{"text": "kept"}\n')
     broken = tmp_path / "broken.jsonl.gz"
     broken.write_bytes(gzip.compress(corpus.read_bytes())[:5000])
-    args = ["--input", str(good), str(broken), "--output-prefix", str(tmp_path / "out" / "t"),
-            "--tokenizer-type", "ByteLevelTokenizer"]
+    args = [
+        "--input",
+        str(good),
+        str(broken),
+        "--output-prefix",
+        str(tmp_path / "out" / "t"),
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+    ]
     code, _, err = run(capsys, *args)
     assert code == 1
     assert re.search(rf"error: {re.escape(str(broken))}:\d+: cannot read file", err)
@@ -248,8 +329,10 @@ def test_truncated_compressed_file_is_reported(tmp_path, capsys, corpus):
 
 def test_wikiextractor_structure_errors(tmp_path, capsys):
     source = tmp_path / "wiki.txt"
-    source.write_text('<doc id="1" title="A">\nA\n\nBody a.\n</doc>\nstray text\n<doc id="2" title="B">\nB\n'
-                      '<doc id="3" title="C">\nC\n</doc>\n<doc id="4" title="D">\nD\n')
+    source.write_text(
+        '<doc id="1" title="A">\nA\n\nBody a.\n</doc>\nstray text\n<doc id="2" title="B">\nB\n'
+        '<doc id="3" title="C">\nC\n</doc>\n<doc id="4" title="D">\nD\n'
+    )
     args = ["--input", str(source), "--output-prefix", str(tmp_path / "w"), "--tokenizer-type", "ByteLevelTokenizer"]
     code, _, err = run(capsys, *args)
     assert code == 1 and f"error: {source}:6: text outside <doc" in err
@@ -263,15 +346,33 @@ def test_wikiextractor_structure_errors(tmp_path, capsys):
 
 def test_option_errors(tmp_path, capsys):
     prefix = str(tmp_path / "o" / "x")
-    code, _, err = run(capsys, "--input", str(tmp_path / "missing.jsonl"), "--output-prefix", prefix,
-                       "--tokenizer-type", "ByteLevelTokenizer")
+    code, _, err = run(
+        capsys,
+        "--input",
+        str(tmp_path / "missing.jsonl"),
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+    )
     assert code == 1 and f"error: {tmp_path / 'missing.jsonl'}: no such file" in err
-    code, _, err = run(capsys, "--input", str(tmp_path), "--output-prefix", prefix,
-                       "--tokenizer-type", "SentencePieceTokenizer")
+    code, _, err = run(
+        capsys, "--input", str(tmp_path), "--output-prefix", prefix, "--tokenizer-type", "SentencePieceTokenizer"
+    )
     assert code == 1 and "needs --tokenizer-model" in err
     (tmp_path / "t.txt").write_text("x\n")
-    code, _, err = run(capsys, "--input", str(tmp_path / "t.txt"), "--json-keys", "a", "b", "--output-prefix", prefix,
-                       "--tokenizer-type", "ByteLevelTokenizer")
+    code, _, err = run(
+        capsys,
+        "--input",
+        str(tmp_path / "t.txt"),
+        "--json-keys",
+        "a",
+        "b",
+        "--output-prefix",
+        prefix,
+        "--tokenizer-type",
+        "ByteLevelTokenizer",
+    )
     assert code == 1 and "several --json-keys need jsonl input" in err
     assert not (tmp_path / "o").exists() or output_files(tmp_path / "o") == []
 
@@ -281,12 +382,25 @@ def test_huggingface_tokenizer_round_trip(tmp_path, capsys, corpus):
     hf = tokenizers.Tokenizer(tokenizers.models.BPE())
     hf.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(vocab_size=600, special_tokens=["<|endoftext|>"],
-                                             initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
     hf.train_from_iterator([r["text"] for r in sample_documents()], trainer)
     hf.save(str(tmp_path / "tokenizer.json"))
-    code, _, err = run(capsys, "--input", str(corpus), "--output-prefix", str(tmp_path / "hf"), "--tokenizer-type",
-                       "HuggingFaceTokenizer", "--tokenizer-model", str(tmp_path), "--append-eod")
+    code, _, err = run(
+        capsys,
+        "--input",
+        str(corpus),
+        "--output-prefix",
+        str(tmp_path / "hf"),
+        "--tokenizer-type",
+        "HuggingFaceTokenizer",
+        "--tokenizer-model",
+        str(tmp_path),
+        "--append-eod",
+    )
     assert code == 0, err
     tokenizer = build_tokenizer("HuggingFaceTokenizer", str(tmp_path))
     docs = read_dataset(f"{tmp_path}/hf_text_document")
@@ -296,6 +410,7 @@ def test_huggingface_tokenizer_round_trip(tmp_path, capsys, corpus):
 
 # ---------------------------------------------------------------- subprocess: exit codes and interrupts
 
+
 def _tool_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
@@ -303,9 +418,22 @@ def _tool_env() -> dict[str, str]:
 def test_cli_exit_code_and_message(tmp_path):
     source = tmp_path / "bad.jsonl"
     source.write_bytes(b'{"text": "ok"}\n{"text": \n')
-    proc = subprocess.run([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
-                           "--output-prefix", str(tmp_path / "out" / "x"), "--tokenizer-type", "ByteLevelTokenizer"],
-                          capture_output=True, text=True, env=_tool_env(), timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(source),
+            "--output-prefix",
+            str(tmp_path / "out" / "x"),
+            "--tokenizer-type",
+            "ByteLevelTokenizer",
+        ],
+        capture_output=True,
+        text=True,
+        env=_tool_env(),
+        timeout=120,
+    )
     assert proc.returncode == 1
     assert f"error: {source}:2: malformed JSON" in proc.stderr and "Traceback" not in proc.stderr
     assert output_files(tmp_path / "out") == []
@@ -316,10 +444,26 @@ def test_interrupt_leaves_no_output(tmp_path, sp_model, workers, signum):
     source = tmp_path / "big.jsonl"
     write_sample_corpus(source, repeat=60)  # ~28 MB: far longer to tokenize than the test waits
     out_dir = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tools" / "preprocess_data.py"), "--input", str(source),
-                             "--output-prefix", str(out_dir / "x"), "--tokenizer-type", "SentencePieceTokenizer",
-                             "--tokenizer-model", sp_model, "--workers", str(workers)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_tool_env())
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tools" / "preprocess_data.py"),
+            "--input",
+            str(source),
+            "--output-prefix",
+            str(out_dir / "x"),
+            "--tokenizer-type",
+            "SentencePieceTokenizer",
+            "--tokenizer-model",
+            sp_model,
+            "--workers",
+            str(workers),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_tool_env(),
+    )
     deadline = time.monotonic() + 60
     while not (out_dir.exists() and any(p.stat().st_size > 0 for p in out_dir.iterdir())):
         assert proc.poll() is None, proc.communicate()

@@ -30,8 +30,22 @@ def train(prefix, *argv):
 @pytest.mark.parametrize("model_type", ["bpe", "unigram"])
 def test_deterministic_lossless_model(tmp_path, corpus, model_type):
     for name in ("a", "b"):
-        assert train(tmp_path / name, "--input", str(corpus), "--vocab-size", "600", "--model-type", model_type,
-                     "--max-sentences", "3000", "--seed", "7") == 0
+        assert (
+            train(
+                tmp_path / name,
+                "--input",
+                str(corpus),
+                "--vocab-size",
+                "600",
+                "--model-type",
+                model_type,
+                "--max-sentences",
+                "3000",
+                "--seed",
+                "7",
+            )
+            == 0
+        )
     assert (tmp_path / "a.model").read_bytes() == (tmp_path / "b.model").read_bytes()
     assert (tmp_path / "a.vocab").read_text() == (tmp_path / "b.vocab").read_text()
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "a.model"))
@@ -50,8 +64,22 @@ def test_seed_changes_the_sample():
 
 
 def test_options_reach_the_model(tmp_path, corpus):
-    assert train(tmp_path / "m", "--input", str(corpus), "--vocab-size", "500", "--no-byte-fallback",
-                 "--user-defined-symbols", "<|user|>", "<|assistant|>", "--character-coverage", "1.0") == 0
+    assert (
+        train(
+            tmp_path / "m",
+            "--input",
+            str(corpus),
+            "--vocab-size",
+            "500",
+            "--no-byte-fallback",
+            "--user-defined-symbols",
+            "<|user|>",
+            "<|assistant|>",
+            "--character-coverage",
+            "1.0",
+        )
+        == 0
+    )
     sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "m.model"))
     pieces = sp.encode("<|user|>hi<|assistant|>", out_type=str)
     assert "<|user|>" in pieces and "<|assistant|>" in pieces
@@ -67,9 +95,13 @@ def test_max_sentences_bounds_the_sample(tmp_path, corpus, capsys):
 def test_compressed_text_and_multiple_inputs(tmp_path):
     texts = [r["text"] for r in sample_documents()]
     half = len(texts) // 2
-    (tmp_path / "a.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps({"body": t}) + "\n" for t in texts[:half]).encode()))
+    (tmp_path / "a.jsonl.gz").write_bytes(
+        gzip.compress("".join(json.dumps({"body": t}) + "\n" for t in texts[:half]).encode())
+    )
     (tmp_path / "b.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts[half:]))
-    assert train(tmp_path / "g", "--input", str(tmp_path / "*.jsonl*"), "--json-keys", "body", "--vocab-size", "400") == 0
+    assert (
+        train(tmp_path / "g", "--input", str(tmp_path / "*.jsonl*"), "--json-keys", "body", "--vocab-size", "400") == 0
+    )
     assert (tmp_path / "g.model").stat().st_size > 0
 
 

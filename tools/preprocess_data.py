@@ -24,12 +24,23 @@ from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, help="files, glob patterns or directories; plain, .gz, .xz or .zst")
-    group.add_argument("--input-format", choices=INPUT_FORMATS, default="auto",
-                       help="auto: jsonl for *.json/*.jsonl/*.ndjson, wikiextractor if the file starts with <doc, else text (one document per line)")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to extract from each JSON object (default: text)")
-    group.add_argument("--skip-bad-lines", action="store_true",
-                       help="skip and count malformed lines and unreadable files instead of stopping")
+    group.add_argument(
+        "--input", nargs="+", required=True, help="files, glob patterns or directories; plain, .gz, .xz or .zst"
+    )
+    group.add_argument(
+        "--input-format",
+        choices=INPUT_FORMATS,
+        default="auto",
+        help="auto: jsonl for *.json/*.jsonl/*.ndjson, wikiextractor if the file starts with <doc, else text (one document per line)",
+    )
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to extract from each JSON object (default: text)"
+    )
+    group.add_argument(
+        "--skip-bad-lines",
+        action="store_true",
+        help="skip and count malformed lines and unreadable files instead of stopping",
+    )
     group = parser.add_argument_group("tokenizer")
     group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
     group.add_argument("--tokenizer-model", default=None, help="SentencePiece .model or HuggingFace tokenizer.json")

@@ -23,27 +23,53 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = TokenizerTrainingConfig(inputs=[], model_prefix="")
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True, help="files, glob patterns or directories; plain, .gz, .xz or .zst")
+    group.add_argument(
+        "--input", nargs="+", required=True, help="files, glob patterns or directories; plain, .gz, .xz or .zst"
+    )
     group.add_argument("--input-format", choices=INPUT_FORMATS, default="auto", help="as for preprocess_data.py")
-    group.add_argument("--json-keys", nargs="+", default=["text"], help="keys to read from each JSON object (default: text)")
+    group.add_argument(
+        "--json-keys", nargs="+", default=["text"], help="keys to read from each JSON object (default: text)"
+    )
     group.add_argument("--skip-bad-lines", action="store_true", help="skip and count bad lines instead of stopping")
-    group.add_argument("--max-sentences", type=int, default=defaults.max_sentences,
-                       help="train on a uniform sample of at most this many lines (bounds memory)")
+    group.add_argument(
+        "--max-sentences",
+        type=int,
+        default=defaults.max_sentences,
+        help="train on a uniform sample of at most this many lines (bounds memory)",
+    )
     group.add_argument("--seed", type=int, default=defaults.seed, help="seed for the sample and the trainer")
     group = parser.add_argument_group("model")
     group.add_argument("--model-prefix", required=True, help="writes <prefix>.model and <prefix>.vocab")
     group.add_argument("--model-type", choices=MODEL_TYPES, default=defaults.model_type)
     group.add_argument("--vocab-size", type=int, default=defaults.vocab_size)
     group.add_argument("--character-coverage", type=float, default=defaults.character_coverage)
-    group.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=defaults.byte_fallback,
-                       help="encode characters outside the vocabulary as UTF-8 bytes (default: on)")
-    group.add_argument("--normalization", choices=NORMALIZATIONS, default=defaults.normalization,
-                       help="SentencePiece normalisation rule (default: identity, lossless)")
-    group.add_argument("--remove-extra-whitespaces", action=argparse.BooleanOptionalAction,
-                       default=defaults.remove_extra_whitespaces, help="collapse runs of whitespace (default: off)")
-    group.add_argument("--user-defined-symbols", nargs="*", default=[], help="special tokens always kept whole, e.g. '<|im_start|>'")
-    group.add_argument("--max-sentence-length", type=int, default=defaults.max_sentence_length,
-                       help="longer lines (bytes) are ignored by the trainer")
+    group.add_argument(
+        "--byte-fallback",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.byte_fallback,
+        help="encode characters outside the vocabulary as UTF-8 bytes (default: on)",
+    )
+    group.add_argument(
+        "--normalization",
+        choices=NORMALIZATIONS,
+        default=defaults.normalization,
+        help="SentencePiece normalisation rule (default: identity, lossless)",
+    )
+    group.add_argument(
+        "--remove-extra-whitespaces",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.remove_extra_whitespaces,
+        help="collapse runs of whitespace (default: off)",
+    )
+    group.add_argument(
+        "--user-defined-symbols", nargs="*", default=[], help="special tokens always kept whole, e.g. '<|im_start|>'"
+    )
+    group.add_argument(
+        "--max-sentence-length",
+        type=int,
+        default=defaults.max_sentence_length,
+        help="longer lines (bytes) are ignored by the trainer",
+    )
     group.add_argument("--num-threads", type=int, default=defaults.num_threads)
     return parser
 
@@ -71,8 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def body() -> None:
         stats = train_tokenizer(config)
-        print(f"trained on {stats.sentences_sampled} of {stats.sentences_seen} lines from {stats.documents} documents "
-              f"(skipped lines: {stats.skipped_lines}); wrote {stats.model_path} and {stats.vocab_path}")
+        print(
+            f"trained on {stats.sentences_sampled} of {stats.sentences_seen} lines from {stats.documents} documents "
+            f"(skipped lines: {stats.skipped_lines}); wrote {stats.model_path} and {stats.vocab_path}"
+        )
 
     return run_tool(body)
 

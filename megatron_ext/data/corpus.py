@@ -269,7 +269,9 @@ def _json_texts(lines: _NumberedLines, raw: bytes, keys: tuple[str, ...]) -> tup
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise CorpusError(*where, f"malformed JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line") from None
+        raise CorpusError(
+            *where, f"malformed JSON ({exc.msg} at column {exc.colno}); expected one JSON object per line"
+        ) from None
     if not isinstance(record, dict):
         raise CorpusError(*where, f"expected a JSON object, got {type(record).__name__}")
     texts = []
@@ -282,11 +284,13 @@ def _json_texts(lines: _NumberedLines, raw: bytes, keys: tuple[str, ...]) -> tup
             raise CorpusError(*where, f"value of {key!r} is {type(value).__name__}, expected a string")
         texts.append(value)
     if b"\\ud" in raw or b"\\uD" in raw:  # escaped lone surrogates cannot be encoded to UTF-8
-        for key, text in zip(keys, texts):
+        for key, text in zip(keys, texts, strict=True):
             try:
                 text.encode("utf-8")
             except UnicodeEncodeError:
-                raise CorpusError(*where, f"value of {key!r} has an unpaired surrogate escape; expected valid Unicode") from None
+                raise CorpusError(
+                    *where, f"value of {key!r} has an unpaired surrogate escape; expected valid Unicode"
+                ) from None
     return tuple(texts)
 
 
@@ -299,12 +303,20 @@ def _parse_wikiextractor(lines: _NumberedLines, keys: tuple[str, ...], bad_lines
         stripped = raw.strip()
         if stripped.startswith(b"<doc") and stripped.endswith(b">"):
             if start:
-                bad_lines.handle(CorpusError(lines.path, start, f"<doc> not closed before the next <doc> at line {lines.number}"))
+                bad_lines.handle(
+                    CorpusError(lines.path, start, f"<doc> not closed before the next <doc> at line {lines.number}")
+                )
             start, body, nbytes, broken = lines.number, [], len(raw), None
             continue
         if not start:
             if stripped:
-                bad_lines.handle(CorpusError(lines.path, lines.number, "text outside <doc ...>...</doc>; expected WikiExtractor document format"))
+                bad_lines.handle(
+                    CorpusError(
+                        lines.path,
+                        lines.number,
+                        "text outside <doc ...>...</doc>; expected WikiExtractor document format",
+                    )
+                )
             continue
         nbytes += len(raw)
         if stripped == b"</doc>":

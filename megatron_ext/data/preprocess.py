@@ -105,6 +105,7 @@ def token_dtype(vocab_size: int) -> type[np.number]:
 
 # ---------------------------------------------------------------- encoding
 
+
 class ChunkEncoder:
     """Tokenizes chunks of documents into flat arrays (one per key)."""
 
@@ -191,6 +192,7 @@ def _encode_ordered(
 
 # ---------------------------------------------------------------- writing
 
+
 class _DatasetWriter:
     """One key's ``.bin``/``.idx``, written under hidden temporary names, then renamed."""
 
@@ -238,6 +240,7 @@ class _DatasetWriter:
 
 # ---------------------------------------------------------------- driver
 
+
 def preprocess(config: PreprocessConfig) -> PreprocessStats:
     """Tokenize ``config.inputs`` into ``<prefix>_<key>_document.bin/.idx``.
 
@@ -268,7 +271,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
         chunks = _chunks(documents, len(keys), config.chunk_bytes)
         with _Progress(config, stats, writers, start) as progress:
             for n_docs, nbytes, encoded in _encode_ordered(chunks, config, encoder):
-                for writer, (flat, lengths) in zip(writers, encoded):
+                for writer, (flat, lengths) in zip(writers, encoded, strict=True):
                     writer.write(flat, lengths)
                 progress.advance(n_docs, nbytes)
         for writer in writers:
@@ -280,7 +283,7 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
             writer.abort()
         raise
     stats.elapsed = time.perf_counter() - start
-    for key, writer in zip(keys, writers):
+    for key, writer in zip(keys, writers, strict=True):
         stats.documents[key] = writer.documents
         stats.tokens[key] = writer.tokens
         stats.empty_documents[key] = writer.empty
@@ -293,7 +296,9 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
 class _Progress:
     """tqdm bar (documents/s, MB/s, tokens) on a terminal; periodic log lines otherwise."""
 
-    def __init__(self, config: PreprocessConfig, stats: PreprocessStats, writers: list[_DatasetWriter], start: float) -> None:
+    def __init__(
+        self, config: PreprocessConfig, stats: PreprocessStats, writers: list[_DatasetWriter], start: float
+    ) -> None:
         self.stats = stats
         self.writers = writers
         self.start = start
@@ -306,22 +311,30 @@ class _Progress:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.bar.disable:
+            self._report()
         self.bar.close()
 
     def advance(self, n_docs: int, nbytes: int) -> None:
+        """Account for one written chunk; report every ``log_interval`` documents."""
         self.stats.documents_read += n_docs
         self.stats.bytes_read += nbytes
         self.bar.update(n_docs)
-        if self.stats.documents_read < self.next_report:
-            return
-        self.next_report = self.stats.documents_read + self.interval
+        if self.stats.documents_read >= self.next_report:
+            self.next_report = self.stats.documents_read + self.interval
+            self._report()
+
+    def _report(self) -> None:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         tokens = sum(w.tokens for w in self.writers)
         mb_s = self.stats.bytes_read / 1e6 / elapsed
         if self.bar.disable:
             logger.info(
                 "processed %d documents (%.1f docs/s, %.2f MB/s, %d tokens)",
-                self.stats.documents_read, self.stats.documents_read / elapsed, mb_s, tokens,
+                self.stats.documents_read,
+                self.stats.documents_read / elapsed,
+                mb_s,
+                tokens,
             )
         else:
             self.bar.set_postfix_str(f"{mb_s:.2f} MB/s, {tokens:,} tokens", refresh=False)

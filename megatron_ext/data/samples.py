@@ -33,6 +33,7 @@ def write_sample_corpus(path: str | os.PathLike, repeat: int = 1) -> int:
         raise ValueError("--repeat must be at least 1")
     path = os.fspath(path)
     records = sample_documents()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with _open_for_writing(tmp, os.path.splitext(path)[1]) as out:

@@ -138,8 +138,14 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingStats:
     sample, n_docs, seen = sample_sentences(documents, config.max_sentences, config.seed)
     if not sample:
         raise ValueError("the input has no non-blank lines to train on")
-    logger.info("training %s tokenizer (vocab %d) on %d of %d lines from %d documents",
-                config.model_type, config.vocab_size, len(sample), seen, n_docs)
+    logger.info(
+        "training %s tokenizer (vocab %d) on %d of %d lines from %d documents",
+        config.model_type,
+        config.vocab_size,
+        len(sample),
+        seen,
+        n_docs,
+    )
 
     model = io.BytesIO()
     sentencepiece.set_random_generator_seed(config.seed)
