@@ -2,12 +2,63 @@
 
 Every weight matrix W is replaced by ``a_W * W~``: one trainable scalar gate ``a_W``
 per matrix, all base weights ``W~`` drawn from one common ``N(0, std^2)`` and each
-gate initialised to ``target_std / std`` so the model equals its backbone at step 0.
+gate initialised to ``target_std / std`` so the model equals its backbone at step 0
+(METHODS.md section 2). With Adam the update of ``W~`` does not depend on ``a_W``, so
+every matrix moves by the same relative amount ``~ lr / std``.
+
+The gate multiplies the linear's OUTPUT, ``a_W * (x W~^T) + b``, which equals the
+effective weight ``a_W * W~`` with the bias left unscaled. A fused QKV linear has one
+gate each for q, k and v, and a SwiGLU fc1 one each for its gate and up halves: their
+output columns are scaled by a per-column vector built from the gates in megatron-core's
+local column layout.
+
+Tensor parallelism: a gate is replicated on every TP rank. Its gradient is a partial
+sum wherever a rank sees only part of the gated output (column-parallel outputs,
+sequence-parallel row-parallel outputs, reduce-scattered embeddings); there the gate
+passes through megatron's ``copy_to_tensor_model_parallel_region`` (identity forward,
+all-reduce backward). Where every rank sees the whole output (row-parallel after its
+all-reduce, embedding lookup after its all-reduce) the gradient is already complete and
+is not reduced. The reduction lives inside autograd, so the CPU and GPU paths need no
+extra gradient hook (except for a tied output layer on its own pipeline stage, see
+:func:`allreduce_tied_gate_grads`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
+import importlib.util
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Iterable, Optional, Union
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
+from megatron.core.optimizer_param_scheduler import ParamGroupOverride
+from megatron.core.tensor_parallel import (
+    ColumnParallelLinear,
+    RowParallelLinear,
+    VocabParallelEmbedding,
+    copy_to_tensor_model_parallel_region,
+    gather_from_tensor_model_parallel_region,
+)
+from megatron.core.tensor_parallel.layers import set_defaults_if_not_set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import ensure_metadata_has_dp_cp_group, make_sharded_tensors_for_checkpoint
+from megatron.core.utils import (
+    get_pg_rank,
+    get_pg_size,
+    get_tensor_model_parallel_group_if_none,
+    init_method_normal,
+    log_single_rank,
+)
+
+logger = logging.getLogger(__name__)
 
 BACKBONES: tuple[str, ...] = ("he", "megatron")
 
@@ -33,3 +84,581 @@ class WeSaRConfig:
             raise ValueError(f"WeSaR gate_weight_decay must be >= 0, got {self.gate_weight_decay}")
         if not self.gate_lr_mult > 0:
             raise ValueError(f"WeSaR gate_lr_mult must be > 0, got {self.gate_lr_mult}")
+
+
+# ---------------------------------------------------------------------------------------
+# Target stds (METHODS.md section 2) and gate values.
+# ---------------------------------------------------------------------------------------
+
+# Matrix kinds, each with its own gate. "ffn_in" is a plain fc1; a gated-linear-unit fc1
+# has "ffn_gate" (the activated half) and "ffn_up".
+_SCALED_KINDS = ("attention_output", "ffn_out")
+
+
+def _normal_std(init_method, attribute: str) -> float:
+    """The std of megatron-core's ``init_method_normal(std)``; a clear error for anything else."""
+    if (
+        isinstance(init_method, functools.partial)
+        and init_method.func is torch.nn.init.normal_
+        and init_method.keywords.get("mean", 0.0) == 0.0
+        and "std" in init_method.keywords
+    ):
+        return float(init_method.keywords["std"])
+    raise ValueError(
+        f"WeSaR rescales megatron-core's normal initialisation of the embedding and output layer "
+        f"and needs TransformerConfig.{attribute} = init_method_normal(std); got {init_method!r}"
+    )
+
+
+def target_std(kind: str, config: TransformerConfig, backbone: str) -> float:
+    """Std the backbone prescribes for a matrix of ``kind`` (d = hidden, L = layers, f = FFN width).
+
+    ``he`` (paper): sqrt(1/d) for q, k, v, FFN input and LM head; sqrt(1/(2Ld)) for the
+    attention output; sqrt(2/(2Lf)) for the FFN output. ``megatron`` (decision):
+    ``init_method_std`` for all, divided by sqrt(2L) for attention output and FFN output.
+    The word embedding keeps megatron's embedding init std under both (decision).
+    """
+    if kind == "embedding":
+        return _normal_std(config.embedding_init_method, "embedding_init_method")
+    d, layers = config.hidden_size, config.num_layers
+    if backbone == "megatron":
+        scale = math.sqrt(2 * layers) if kind in _SCALED_KINDS else 1.0
+        return config.init_method_std / scale
+    if kind == "attention_output":
+        return math.sqrt(1.0 / (2 * layers * d))
+    if kind == "ffn_out":
+        return math.sqrt(2.0 / (2 * layers * config.ffn_hidden_size))
+    return math.sqrt(1.0 / d)
+
+
+def _gate_values(kinds: Iterable[str], config: TransformerConfig, cfg: WeSaRConfig) -> dict[str, float]:
+    return {kind: target_std(kind, config, cfg.backbone) / cfg.std for kind in kinds}
+
+
+def gate_table(config: TransformerConfig, cfg: WeSaRConfig, tied_output: bool = True) -> list[tuple[str, float, float]]:
+    """(matrix kind, target std, initial gate) for every kind of gated matrix of the model."""
+    fc1 = ("ffn_gate", "ffn_up") if config.gated_linear_unit else ("ffn_in",)
+    kinds = ["query", "key", "value", "attention_output", *fc1, "ffn_out"]
+    if cfg.embedding:
+        kinds.insert(0, "embedding")
+    if cfg.output_layer and not tied_output:
+        kinds.append("lm_head")
+    return [(kind, target_std(kind, config, cfg.backbone), value) for kind, value in _gate_values(kinds, config, cfg).items()]
+
+
+_LOGGED_TABLES: set = set()
+
+
+def _log_gate_table(config: TransformerConfig, cfg: WeSaRConfig, tied_output: bool) -> None:
+    table = tuple(gate_table(config, cfg, tied_output))
+    if table in _LOGGED_TABLES:
+        return
+    _LOGGED_TABLES.add(table)
+    rows = "\n".join(f"  {kind:<17s} target std {std:.6f}  gate {gate:.4f}" for kind, std, gate in table)
+    log_single_rank(logger, logging.INFO, "WeSaR: base std %g, backbone %s%s\n%s", cfg.std, cfg.backbone,
+                    ", embedding tied to output layer" if tied_output and cfg.embedding else "", rows)
+
+
+# ---------------------------------------------------------------------------------------
+# Gates.
+# ---------------------------------------------------------------------------------------
+
+
+def is_gate(param: torch.Tensor) -> bool:
+    """Whether ``param`` is a WeSaR gate."""
+    return bool(getattr(param, "wesar_gate", False))
+
+
+def _new_gate(value: float, device: torch.device) -> torch.nn.Parameter:
+    gate = torch.nn.Parameter(torch.tensor(value, dtype=torch.float32, device=device))
+    gate.wesar_gate = True
+    set_defaults_if_not_set_tensor_model_parallel_attributes(gate)  # replicated over TP
+    return gate
+
+
+class WeSaRGates(torch.nn.Module):
+    """The gates of one linear or embedding; scales its output columns by them.
+
+    Each gate is a 0-d fp32 parameter named after its matrix kind. ``column_gate`` maps
+    every local output column to the index of its gate (``None``: one gate for all).
+    ``reduce_grad`` all-reduces the gates' gradient over ``tp_group`` (see module doc).
+    Gates stay fp32 when the model is cast to bf16/fp16.
+    """
+
+    def __init__(
+        self,
+        gates: dict[str, torch.nn.Parameter],
+        column_gate: Optional[torch.Tensor],
+        reduce_grad: bool,
+        tp_group: Optional[dist.ProcessGroup],
+    ) -> None:
+        super().__init__()
+        for name, gate in gates.items():
+            self.register_parameter(name, gate)
+        self.register_buffer("column_gate", column_gate, persistent=False)
+        self.reduce_grad = reduce_grad
+        self.tp_group = tp_group
+
+    @classmethod
+    def create(
+        cls, values: dict[str, float], device: torch.device, column_gate: Optional[torch.Tensor] = None,
+        reduce_grad: bool = False, tp_group: Optional[dist.ProcessGroup] = None,
+    ) -> "WeSaRGates":
+        """New gates initialised to ``values`` (kind -> initial gate)."""
+        gates = {kind: _new_gate(value, device) for kind, value in values.items()}
+        return cls(gates, None if column_gate is None else column_gate.to(device), reduce_grad, tp_group)
+
+    def column_scale(self) -> torch.Tensor:
+        """Per-column scale of the local output: shape [1] or [local columns]."""
+        gates = torch.stack(list(self._parameters.values()))
+        if self.reduce_grad:
+            gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)
+        return gates if self.column_gate is None else gates[self.column_gate]
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        return output * self.column_scale().to(output.dtype)
+
+    @torch.no_grad()
+    def fold_into(self, weight: torch.Tensor, column_dim: int) -> None:
+        """Multiply the gates into ``weight`` (whose dim ``column_dim`` indexes output columns)."""
+        scale = torch.stack(list(self._parameters.values()))
+        if self.column_gate is not None:
+            scale = scale[self.column_gate]
+        shape = [1] * weight.dim()
+        shape[column_dim] = scale.numel()
+        weight.mul_(scale.view(shape).to(weight.dtype))
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        for gate in self._parameters.values():
+            if gate.dtype != torch.float32:
+                gate.data = gate.data.float()
+        return self
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        """The gates as checkpoint tensors replicated over TP (never TP-partitioned)."""
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, None, sharded_offsets,
+            tp_group=get_tensor_model_parallel_group_if_none(self.tp_group), dp_cp_group=metadata["dp_cp_group"],
+        )
+
+    def extra_repr(self) -> str:
+        gates = ", ".join(f"{k}={float(v):.4g}" for k, v in self._parameters.items())
+        return f"{gates}, reduce_grad={self.reduce_grad}"
+
+
+def _qkv_column_gate(config: TransformerConfig, tp_size: int, tp_rank: int) -> torch.Tensor:
+    """q/k/v gate index (0/1/2) of each local column of megatron's fused QKV output.
+
+    megatron-core lays the QKV output out per query group as
+    ``[ng, (np/ng + 2), hn]`` (the group's query heads, then its key, then its value)
+    and splits it contiguously over TP ranks (a rank may hold part of a group when
+    ng < TP).
+    """
+    groups = config.num_query_groups or config.num_attention_heads
+    head_dim = config.kv_channels
+    queries_per_group = config.num_attention_heads // groups
+    one_group = torch.tensor([0] * (queries_per_group * head_dim) + [1] * head_dim + [2] * head_dim)
+    full = one_group.repeat(groups)
+    local = full.numel() // tp_size
+    return full[tp_rank * local:(tp_rank + 1) * local]
+
+
+def _glu_column_gate(output_size: int, tp_size: int) -> torch.Tensor:
+    """Gate index of each local column of a gated-linear-unit fc1: [gate half; up half].
+
+    megatron-core initialises fc1 with stride 2, so every rank holds its shard of the
+    activated (gate) projection followed by its shard of the up projection.
+    """
+    half = output_size // tp_size // 2
+    return torch.tensor([0] * half + [1] * half)
+
+
+def _column_gates(
+    matrix: str, config: TransformerConfig, cfg: WeSaRConfig, output_size: int,
+    tp_group: dist.ProcessGroup, device: torch.device,
+) -> WeSaRGates:
+    tp_size, tp_rank = get_pg_size(tp_group), get_pg_rank(tp_group)
+    if matrix == "qkv":
+        kinds, column_gate = ("query", "key", "value"), _qkv_column_gate(config, tp_size, tp_rank)
+    elif matrix == "ffn_in" and config.gated_linear_unit:
+        kinds, column_gate = ("ffn_gate", "ffn_up"), _glu_column_gate(output_size, tp_size)
+    elif matrix == "ffn_in":
+        kinds, column_gate = ("ffn_in",), None
+    else:
+        raise ValueError(f"WeSaR column-parallel matrix must be 'qkv' or 'ffn_in', got {matrix!r}")
+    # Every rank holds different output columns: the gate gradient is a partial sum.
+    return WeSaRGates.create(_gate_values(kinds, config, cfg), device, column_gate, reduce_grad=True, tp_group=tp_group)
+
+
+def _row_gates(
+    matrix: str, config: TransformerConfig, cfg: WeSaRConfig, tp_group: dist.ProcessGroup, device: torch.device
+) -> WeSaRGates:
+    if matrix not in _SCALED_KINDS:
+        raise ValueError(f"WeSaR row-parallel matrix must be one of {_SCALED_KINDS}, got {matrix!r}")
+    # The output is all-reduced (complete on every rank) unless sequence parallelism
+    # reduce-scatters it over the sequence.
+    reduce = config.sequence_parallel and get_pg_size(tp_group) > 1
+    return WeSaRGates.create(_gate_values([matrix], config, cfg), device, reduce_grad=reduce, tp_group=tp_group)
+
+
+def _gated(layer: torch.nn.Module, output: torch.Tensor, bias: Optional[torch.Tensor]):
+    """``a * output`` plus the unscaled bias where the caller did not ask for it back."""
+    output = layer.wesar(output)
+    if layer.wesar_adds_bias and bias is not None:
+        return output + bias, None
+    return output, bias
+
+
+# ---------------------------------------------------------------------------------------
+# Gated linears for the layer spec.
+# ---------------------------------------------------------------------------------------
+
+
+class _ColumnGating:
+    """Mixin for a column-parallel linear: base weight from N(0, std^2), gated output.
+
+    ``matrix`` is ``"qkv"`` (q, k, v gates) or ``"ffn_in"`` (two gates under a gated
+    linear unit). megatron's ``init_method`` is replaced by ``init_method_normal(std)``,
+    drawn through megatron-core's own initialisation (TP-invariant on the CPU path).
+    The bias is always returned unadded by the base class and added after the gate.
+    """
+
+    def __init__(self, input_size: int, output_size: int, *, wesar: WeSaRConfig, matrix: str,
+                 skip_bias_add: bool = False, **kwargs) -> None:
+        kwargs.update(init_method=init_method_normal(wesar.std), skip_bias_add=True)
+        super().__init__(input_size, output_size, **kwargs)
+        self.wesar_adds_bias = not skip_bias_add
+        tp_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
+        self.wesar = _column_gates(matrix, kwargs["config"], wesar, output_size, tp_group, self.weight.device)
+
+    def forward(self, x: torch.Tensor):
+        return _gated(self, *super().forward(x))
+
+
+class _RowGating:
+    """Mixin for a row-parallel linear (``matrix``: attention_output or ffn_out); see _ColumnGating."""
+
+    def __init__(self, input_size: int, output_size: int, *, wesar: WeSaRConfig, matrix: str,
+                 skip_bias_add: bool, **kwargs) -> None:
+        kwargs.update(init_method=init_method_normal(wesar.std), skip_bias_add=True)
+        super().__init__(input_size, output_size, **kwargs)
+        self.wesar_adds_bias = not skip_bias_add
+        tp_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
+        self.wesar = _row_gates(matrix, kwargs["config"], wesar, tp_group, self.weight.device)
+
+    def forward(self, x: torch.Tensor):
+        return _gated(self, *super().forward(x))
+
+
+class WeSaRColumnParallelLinear(_ColumnGating, ColumnParallelLinear):
+    """megatron-core's ``ColumnParallelLinear`` with WeSaR gates (also the gated LM head).
+
+    The gate is applied to the local output columns before any output gather.
+    """
+
+    def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                runtime_gather_output: Optional[bool] = None):
+        output, bias = _gated(self, *ColumnParallelLinear.forward(self, input_, weight, runtime_gather_output=False))
+        gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
+        if gather:
+            output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
+        return output, bias
+
+    @classmethod
+    def gate_in_place(cls, layer: ColumnParallelLinear, gates: WeSaRGates) -> None:
+        """Turn a built ``ColumnParallelLinear`` (GPTModel's output layer) into a gated one."""
+        layer.__class__ = cls
+        layer.wesar_adds_bias = not layer.skip_bias_add
+        layer.skip_bias_add = True
+        layer.wesar = gates
+
+
+class WeSaRRowParallelLinear(_RowGating, RowParallelLinear):
+    """megatron-core's ``RowParallelLinear`` with a WeSaR gate."""
+
+
+class WeSaRVocabParallelEmbedding(VocabParallelEmbedding):
+    """megatron-core's ``VocabParallelEmbedding`` with a WeSaR gate on its output."""
+
+    def forward(self, input_: torch.Tensor) -> torch.Tensor:
+        return self.wesar(super().forward(input_))
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sharded.update(self.wesar.sharded_state_dict(f"{prefix}wesar.", sharded_offsets, metadata))
+        return sharded
+
+    @classmethod
+    def gate_in_place(cls, embedding: VocabParallelEmbedding, gates: WeSaRGates) -> None:
+        """Turn a built ``VocabParallelEmbedding`` into a gated one."""
+        embedding.__class__ = cls
+        embedding.wesar = gates
+
+
+_GATED: dict[type, type] = {ColumnParallelLinear: WeSaRColumnParallelLinear, RowParallelLinear: WeSaRRowParallelLinear}
+
+if importlib.util.find_spec("transformer_engine") is not None:  # pragma: no cover - needs NVIDIA TE
+    from megatron.core.extensions.transformer_engine import (
+        TEColumnParallelLinear,
+        TELayerNormColumnParallelLinear,
+        TERowParallelLinear,
+    )
+
+    class WeSaRTEColumnParallelLinear(_ColumnGating, TEColumnParallelLinear):
+        """Transformer Engine column-parallel linear with WeSaR gates."""
+
+    class WeSaRTELayerNormColumnParallelLinear(_ColumnGating, TELayerNormColumnParallelLinear):
+        """Transformer Engine fused-norm column-parallel linear with WeSaR gates (norm not gated)."""
+
+    class WeSaRTERowParallelLinear(_RowGating, TERowParallelLinear):
+        """Transformer Engine row-parallel linear with a WeSaR gate."""
+
+    _GATED.update({
+        TEColumnParallelLinear: WeSaRTEColumnParallelLinear,
+        TELayerNormColumnParallelLinear: WeSaRTELayerNormColumnParallelLinear,
+        TERowParallelLinear: WeSaRTERowParallelLinear,
+    })
+
+
+# ---------------------------------------------------------------------------------------
+# Applying WeSaR to a layer spec and a built model.
+# ---------------------------------------------------------------------------------------
+
+Submodule = Union[ModuleSpec, type]
+
+
+def _gated_class(submodule: Submodule, role: str) -> type:
+    cls = submodule.module if isinstance(submodule, ModuleSpec) else submodule
+    if cls not in _GATED:
+        raise NotImplementedError(
+            f"WeSaR has no gated version of {getattr(cls, '__name__', cls)!r} ({role}); it gates "
+            f"{', '.join(c.__name__ for c in _GATED)}"
+        )
+    return _GATED[cls]
+
+
+def _gated_spec(submodule: Submodule, role: str, cfg: WeSaRConfig, matrix: str) -> ModuleSpec:
+    params = {"wesar": cfg, "matrix": matrix}
+    if isinstance(submodule, ModuleSpec):
+        return replace(submodule, module=_gated_class(submodule, role), params={**submodule.params, **params})
+    return ModuleSpec(module=_gated_class(submodule, role), params=params)
+
+
+def apply_to_layer_spec(spec: ModuleSpec, config: TransformerConfig, cfg: WeSaRConfig) -> ModuleSpec:
+    """Gate linear_qkv, linear_proj, linear_fc1 and linear_fc2 of every layer built from ``spec``."""
+    if config.attention_output_gate:
+        raise NotImplementedError("WeSaR does not support attention_output_gate (a fourth block in linear_qkv)")
+    attention, mlp = spec.submodules.self_attention, spec.submodules.mlp
+    if not (isinstance(mlp, ModuleSpec) and issubclass(mlp.module, MLP)):
+        raise NotImplementedError(f"WeSaR gates a dense MLP only, the layer spec has {mlp!r}")
+    qkv = attention.submodules.linear_qkv
+    attention = replace(attention, submodules=replace(
+        attention.submodules,
+        # SelfAttention calls linear_qkv directly (no build_module): a callable, not a ModuleSpec.
+        linear_qkv=functools.partial(_gated_class(qkv, "linear_qkv"), wesar=cfg, matrix="qkv"),
+        linear_proj=_gated_spec(attention.submodules.linear_proj, "linear_proj", cfg, "attention_output"),
+    ))
+    mlp = replace(mlp, submodules=replace(
+        mlp.submodules,
+        linear_fc1=_gated_spec(mlp.submodules.linear_fc1, "linear_fc1", cfg, "ffn_in"),
+        linear_fc2=_gated_spec(mlp.submodules.linear_fc2, "linear_fc2", cfg, "ffn_out"),
+    ))
+    return replace(spec, submodules=replace(spec.submodules, self_attention=attention, mlp=mlp))
+
+
+@torch.no_grad()
+def _rescale_to_base_std(weight: torch.Tensor, init_std: float, config: TransformerConfig, cfg: WeSaRConfig) -> None:
+    """Turn megatron's N(0, init_std^2) draw into the base weight's N(0, std^2) draw.
+
+    Rescaling (instead of drawing again) keeps megatron's TP-invariant draw and keeps a
+    tied embedding's copy on the last pipeline stage equal to the first stage's.
+    """
+    if config.perform_initialization:
+        weight.mul_(cfg.std / init_std)
+
+
+def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig) -> None:
+    """Gate the word embedding (``cfg.embedding``) and the output layer of a built GPTModel.
+
+    Untied output layer: its own gate (kind ``lm_head``) when ``cfg.output_layer``. Tied:
+    the output layer uses the embedding's matrix, so it uses the embedding's gate (the
+    same parameter on a one-stage model; on a last pipeline stage a copy with the same
+    value whose gradient :func:`allreduce_tied_gate_grads` sums with the first stage's).
+    With tied weights ``cfg.embedding`` alone decides whether that matrix is gated.
+    """
+    tied = model.share_embeddings_and_output_weights
+    _log_gate_table(config, cfg, tied)
+    pipelined = config.pipeline_model_parallel_size > 1
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    embedding_std = target_std("embedding", config, cfg.backbone)
+    embedding_gates = None
+    if model.pre_process and cfg.embedding:
+        word = model.embedding.word_embeddings
+        _rescale_to_base_std(word.weight, embedding_std, config, cfg)
+        embedding_gates = WeSaRGates.create(
+            {"embedding": embedding_std / cfg.std}, word.weight.device,
+            reduce_grad=word.reduce_scatter_embeddings, tp_group=tp_group,
+        )
+        WeSaRVocabParallelEmbedding.gate_in_place(word, embedding_gates)
+        if tied and pipelined:
+            embedding_gates.embedding.wesar_tied_embedding = True
+    if not model.post_process:
+        return
+    output = model.output_layer
+    if tied and cfg.embedding:
+        if embedding_gates is not None:
+            gates = WeSaRGates(dict(embedding_gates.named_parameters()), None, reduce_grad=True, tp_group=tp_group)
+        else:  # last pipeline stage: its own copy of the embedding and of its gate
+            _rescale_to_base_std(output.weight, embedding_std, config, cfg)
+            gates = WeSaRGates.create({"embedding": embedding_std / cfg.std}, output.weight.device,
+                                      reduce_grad=True, tp_group=tp_group)
+            gates.embedding.wesar_tied_embedding = True
+    elif not tied and cfg.output_layer:
+        _rescale_to_base_std(output.weight, _normal_std(config.init_method, "init_method"), config, cfg)
+        gates = WeSaRGates.create(_gate_values(["lm_head"], config, cfg), output.weight.device,
+                                  reduce_grad=True, tp_group=tp_group)
+    else:
+        return
+    WeSaRColumnParallelLinear.gate_in_place(output, gates)
+
+
+# ---------------------------------------------------------------------------------------
+# Gates of a model: listing, folding, tied-gate gradient, export.
+# ---------------------------------------------------------------------------------------
+
+ModelChunks = Union[torch.nn.Module, Iterable[torch.nn.Module]]
+
+
+def _chunks(model_chunks: ModelChunks) -> list[torch.nn.Module]:
+    return [model_chunks] if isinstance(model_chunks, torch.nn.Module) else list(model_chunks)
+
+
+def gate_parameters(model_chunks: ModelChunks) -> dict[str, torch.nn.Parameter]:
+    """Parameter name -> gate. Names of several chunks are prefixed by ``"<chunk index>."``."""
+    chunks = _chunks(model_chunks)
+    prefix = (lambda i: f"{i}.") if len(chunks) > 1 else (lambda i: "")
+    return {
+        prefix(i) + name: param
+        for i, chunk in enumerate(chunks)
+        for name, param in chunk.named_parameters()
+        if is_gate(param)
+    }
+
+
+@torch.no_grad()
+def fold_gates(model_chunks: ModelChunks) -> None:
+    """Multiply every gate into its weight and set the gate to 1; the function is unchanged.
+
+    Afterwards ``without_gates(model.state_dict())`` is an ordinary megatron-core GPT.
+    """
+    folds = []
+    for chunk in _chunks(model_chunks):
+        for module in chunk.modules():
+            gates = getattr(module, "wesar", None)
+            if isinstance(gates, WeSaRGates) and getattr(module, "weight", None) is not None:
+                column_dim = 1 if isinstance(module, VocabParallelEmbedding) else 0
+                folds.append((gates, module.weight, column_dim))
+    for gates, weight, column_dim in folds:  # fold first: a tied gate is shared by two modules
+        gates.fold_into(weight, column_dim)
+    for gate in gate_parameters(model_chunks).values():
+        gate.fill_(1.0)
+
+
+def without_gates(state_dict: dict) -> dict:
+    """``state_dict`` without the WeSaR gates (after :func:`fold_gates`: an ordinary GPT)."""
+    return {key: value for key, value in state_dict.items() if ".wesar." not in f".{key}"}
+
+
+def allreduce_tied_gate_grads(model_chunks: ModelChunks) -> None:
+    """Sum the tied embedding gate's gradient over the first and last pipeline stages.
+
+    Only needed with tied embeddings and pipeline parallelism, where the last stage holds
+    a copy of the embedding gate; call it where megatron all-reduces the embedding grads
+    (after ``finalize_model_grads``). A no-op otherwise.
+    """
+    group = parallel_state.get_embedding_group(check_initialized=False)
+    if group is None or get_pg_size(group) == 1:
+        return
+    for gate in gate_parameters(model_chunks).values():
+        if getattr(gate, "wesar_tied_embedding", False):
+            grad = gate.main_grad if hasattr(gate, "main_grad") else gate.grad
+            if grad is not None:
+                dist.all_reduce(grad, group=group)
+
+
+# ---------------------------------------------------------------------------------------
+# Optimizer integration.
+# ---------------------------------------------------------------------------------------
+
+
+def _no_weight_decay(param: torch.Tensor, name: str) -> bool:
+    """megatron's rule: biases and 1-D parameters (norm gains) get no weight decay."""
+    return name.endswith(".bias") or param.dim() == 1
+
+
+def param_groups(model_chunks: ModelChunks, weight_decay: float, cfg: Optional[WeSaRConfig]) -> list[dict]:
+    """Parameter groups for a plain torch optimizer, each with name, params, weight_decay, lr_mult.
+
+    ``decay``: weight matrices (``weight_decay``); ``no_decay``: biases and 1-D
+    parameters; ``wesar_gates``: the gates with ``cfg.gate_weight_decay`` and
+    ``cfg.gate_lr_mult``. The caller sets each group's lr to ``lr * lr_mult``. Empty
+    groups are left out; frozen parameters are skipped.
+    """
+    groups = {"decay": [], "no_decay": [], "wesar_gates": []}
+    seen = set()
+    for chunk in _chunks(model_chunks):
+        for name, param in chunk.named_parameters():
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            if is_gate(param):
+                groups["wesar_gates"].append(param)
+            else:
+                groups["no_decay" if _no_weight_decay(param, name) else "decay"].append(param)
+    if groups["wesar_gates"] and cfg is None:
+        raise ValueError("the model has WeSaR gates but param_groups got cfg=None; pass its WeSaRConfig")
+    settings = {"decay": (weight_decay, 1.0), "no_decay": (0.0, 1.0)}
+    if cfg is not None:
+        settings["wesar_gates"] = (cfg.gate_weight_decay, cfg.gate_lr_mult)
+    return [
+        {"name": name, "params": groups[name], "weight_decay": wd, "lr_mult": lr_mult}
+        for name, (wd, lr_mult) in settings.items()
+        if groups[name]
+    ]
+
+
+def optimizer_overrides(
+    cfg: WeSaRConfig, weight_decay: float, *, lr: Optional[float] = None, min_lr: float = 0.0
+) -> dict[ParamKey, ParamGroupOverride]:
+    """``config_overrides`` for megatron-core's ``get_megatron_optimizer`` (0.16.1).
+
+    megatron's standard rule (no weight decay for biases and 1-D parameters, which never
+    match a 0-d gate) plus one override for the gates: their weight decay is the constant
+    ``cfg.gate_weight_decay`` (``start_wd = end_wd``, exact for any ``weight_decay``
+    including 0), and with ``cfg.gate_lr_mult != 1`` their ``max_lr``/``min_lr`` are
+    ``lr``/``min_lr`` times the multiplier (megatron's scheduler reads no lr_mult), which
+    scales the whole schedule exactly when its ``init_lr`` is 0.
+    """
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
+    no_wd = ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1))
+    gate_override = ParamGroupOverride(wd_mult=1.0, start_wd=cfg.gate_weight_decay, end_wd=cfg.gate_weight_decay)
+    if cfg.gate_lr_mult != 1.0:
+        if lr is None:
+            raise ValueError("WeSaR gate_lr_mult != 1 (--wesar-gate-lr-mult) needs optimizer_overrides(lr=..., min_lr=...)")
+        gate_override.update(max_lr=lr * cfg.gate_lr_mult, min_lr=min_lr * cfg.gate_lr_mult)
+    return {no_wd: ParamGroupOverride(wd_mult=0.0), ParamKey(attr="wesar_gate"): gate_override}
+
+
+def clip_parameters(params: Iterable[torch.nn.Parameter], cfg: Optional[WeSaRConfig]) -> list[torch.nn.Parameter]:
+    """The parameters the global grad-norm clip acts on.
+
+    With ``cfg.exclude_gates_from_clip`` the gates are left out: their gradients neither
+    count in the clip norm nor get scaled by the clip coefficient.
+    """
+    params = list(params)
+    if cfg is None or not cfg.exclude_gates_from_clip:
+        return params
+    return [p for p in params if not is_gate(p)]
