@@ -1,13 +1,53 @@
 """NormFormer (Shleifer, Weston, Ott, arXiv 2110.09456): extra normalisation in a Pre-LN block.
 
-Head scale before the output projection, a norm on the attention output, a norm after
-the FFN activation over the full ``ffn_hidden_size`` (exact under tensor parallelism)
-and an optional learned scale on the FFN skip path.
+With every part on, a layer computes (METHODS.md section 3)::
+
+    h = x + PostNorm(W^O(HeadScale(Attn(Norm(x)))))
+    y = lambda * h + fc2(FFNNorm(act(fc1(Norm(h)))))
+
+* Head scale (paper section 3): one learned scalar per attention head, initialised to 1,
+  multiplying that head's output BEFORE the output projection W^O (the paper's form;
+  fairseq's ``--scale-heads`` applies it after W^O). Under tensor parallelism the vector
+  is partitioned with the heads.
+* Post-attention norm: the model's norm (LayerNorm or RMSNorm) on the attention output
+  after W^O and its bias, before dropout and the residual add.
+* FFN norm: the model's norm after fc1's activation (after the gated product under
+  SwiGLU), before fc2, over the FULL ``ffn_hidden_size``: under tensor parallelism the
+  per-token statistics are all-reduced over the TP group, so every TP size computes the
+  same model.
+* Residual scale ``lambda`` (off by default): a learned per-channel vector, initialised
+  to 1, on the FFN sublayer's skip path.
+
+The head scale and the FFN norm wrap whatever core attention and fc2 classes the layer
+spec holds (megatron's, Transformer Engine's, or WeSaR's gated linears); the other two
+parts use the hooks of :class:`~megatron_ext.layer.ExtTransformerLayer`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, fields, replace
+from typing import Optional, Union
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+)
+from megatron.core.utils import divide
+
+from megatron_ext.norms import TorchNorm
+
+logger = logging.getLogger(__name__)
+
+NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 
 
 @dataclass(frozen=True)
@@ -18,3 +58,337 @@ class NormFormerConfig:
     post_attention_norm: bool = True
     ffn_norm: bool = True
     residual_scale: bool = False
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            value = getattr(self, field.name)
+            if not isinstance(value, bool):
+                raise TypeError(f"NormFormerConfig.{field.name} must be a bool, got {value!r}")
+
+
+def _param_device(config: TransformerConfig) -> torch.device:
+    """Where megatron-core's own layers put new parameters for ``config``."""
+    if config.use_cpu_initialization or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def _tp_sharded_state_dict(state: dict, prefix: str, sharded_offsets: tuple, metadata) -> dict:
+    """The tensors of ``state`` as checkpoint tensors sharded over TP along dim 0."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    return make_sharded_tensors_for_checkpoint(
+        state, prefix, {name: 0 for name in state}, sharded_offsets,
+        tp_group=parallel_state.get_tensor_model_parallel_group(),
+        dp_cp_group=metadata["dp_cp_group"],
+    )
+
+
+def _replace_sharded(sharded: dict, prefix: str, own: dict) -> dict:
+    """``sharded`` with the entries under ``prefix`` replaced by ``own``."""
+    kept = {key: value for key, value in sharded.items() if not key.startswith(prefix)}
+    kept.update(own)
+    return kept
+
+
+# ---------------------------------------------------------------------------------------
+# FFN norm: LayerNorm / RMSNorm over a width sharded across the tensor-parallel group.
+# ---------------------------------------------------------------------------------------
+
+
+def _sum_over_group(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.Tensor:
+    if group is not None and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, group=group)
+    return tensor
+
+
+class _ShardedWidthNormalize(torch.autograd.Function):
+    """``y = (x - mean) * rstd`` (LayerNorm) or ``y = x * rstd`` (RMSNorm) over the full width.
+
+    ``x`` holds this rank's slice of the last dimension; the per-token moments over the
+    full ``width`` come from ONE all-reduce over ``group`` (of the stacked sum and sum of
+    squares for LayerNorm, of the sum of squares for RMSNorm); so does the backward::
+
+        LayerNorm: dx = rstd * (g - mean(g) - y * mean(g * y))
+        RMSNorm:   dx = rstd * (g - y * mean(g * y))
+
+    with the means over the full width, computed in fp32 (or the input's wider dtype).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, width: int, eps: float, rms: bool, group) -> torch.Tensor:
+        x32 = _at_least_fp32(x)
+        if rms:
+            mean = None
+            mean_square = _sum_over_group(x32.square().sum(-1), group) / width
+            rstd = torch.rsqrt(mean_square + eps)
+        else:
+            sums = _sum_over_group(torch.stack((x32.sum(-1), x32.square().sum(-1))), group) / width
+            mean = sums[0]
+            rstd = torch.rsqrt((sums[1] - mean.square()).clamp_min(0.0) + eps)
+        ctx.width, ctx.rms, ctx.group = width, rms, group
+        ctx.save_for_backward(x, rstd, mean)
+        return _normalized(x32, mean, rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, rstd, mean = ctx.saved_tensors
+        y = _normalized(_at_least_fp32(x), mean, rstd)
+        g = _at_least_fp32(grad_output)
+        if ctx.rms:
+            centred = g
+            gy_mean = _sum_over_group((g * y).sum(-1), ctx.group) / ctx.width
+        else:
+            sums = _sum_over_group(torch.stack((g.sum(-1), (g * y).sum(-1))), ctx.group) / ctx.width
+            centred = g - sums[0].unsqueeze(-1)
+            gy_mean = sums[1]
+        grad_input = rstd.unsqueeze(-1) * (centred - y * gy_mean.unsqueeze(-1))
+        return grad_input.to(x.dtype), None, None, None, None
+
+
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _normalized(x32: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor) -> torch.Tensor:
+    centred = x32 if mean is None else x32 - mean.unsqueeze(-1)
+    return centred * rstd.unsqueeze(-1)
+
+
+def sharded_width_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    *,
+    width: int,
+    eps: float,
+    rms: bool,
+    group: Optional[dist.ProcessGroup],
+) -> torch.Tensor:
+    """LayerNorm (``rms=False``) or RMSNorm of a tensor whose last dim is sharded over ``group``.
+
+    ``x``, ``weight`` and ``bias`` hold this rank's slice of the ``width`` features; the
+    result is this rank's slice of ``norm(gathered x) * gathered weight + gathered bias``.
+    """
+    out = _ShardedWidthNormalize.apply(x, width, eps, rms, group) * weight
+    return out if bias is None else out + bias
+
+
+class FFNNorm(MegatronModule):
+    """NormFormer's FFN norm over the full ``ffn_hidden_size``, its gain and bias TP-partitioned.
+
+    Gain (init 1) and, for LayerNorm, bias (init 0) are partitioned along the FFN
+    dimension like fc1's output (``partition_dim=0``); every token's statistics cover the
+    whole width, also under sequence parallelism, where fc2's input holds the full
+    sequence and this rank's FFN slice.
+    """
+
+    def __init__(self, config: TransformerConfig, width: int, tp_group: Optional[dist.ProcessGroup]) -> None:
+        super().__init__(config=config)
+        if config.normalization not in NORMALIZATIONS:
+            raise ValueError(
+                f"NormFormer's FFN norm supports normalization in {NORMALIZATIONS}, "
+                f"got {config.normalization!r}"
+            )
+        self.width = width
+        self.eps = config.layernorm_epsilon
+        self.rms = config.normalization == "RMSNorm"
+        self.tp_group = tp_group
+        tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+        shape = (divide(width, tp_size),)
+        device, dtype = _param_device(config), config.params_dtype
+        self.weight = torch.nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
+        for param in self.parameters():
+            set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return sharded_width_norm(
+            x, self.weight, self.bias, width=self.width, eps=self.eps, rms=self.rms, group=self.tp_group
+        )
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        state = dict(self.named_parameters(recurse=False))
+        return _tp_sharded_state_dict(state, prefix, sharded_offsets, metadata)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, {'RMSNorm' if self.rms else 'LayerNorm'}, eps={self.eps}"
+
+
+class FFNNormMixin:
+    """Mixed in front of an fc2 class (row-parallel linear): ``fc2(FFNNorm(x))``.
+
+    Built by megatron's MLP as ``fc2(ffn_hidden_size, hidden_size, config=..., tp_group=...)``.
+    """
+
+    def __init__(self, input_size: int, *args, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(input_size, *args, config=config, **kwargs)
+        tp_group = kwargs.get("tp_group")
+        if tp_group is None:
+            tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        self.ffn_norm = FFNNorm(config, input_size, tp_group)
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        return super().forward(self.ffn_norm(input_), *args, **kwargs)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        norm_prefix = f"{prefix}ffn_norm."
+        return _replace_sharded(
+            super().sharded_state_dict(prefix, sharded_offsets, metadata),
+            norm_prefix,
+            self.ffn_norm.sharded_state_dict(norm_prefix, sharded_offsets, metadata),
+        )
+
+
+# ---------------------------------------------------------------------------------------
+# Head scale, residual scale.
+# ---------------------------------------------------------------------------------------
+
+
+class HeadScaleMixin:
+    """Mixed in front of a core attention class: each head's output times a learned scalar.
+
+    The core attention returns ``[sq, b, np * hn]`` (``[t, np * hn]`` for packed
+    sequences) with this rank's ``np`` heads; ``head_scale`` has shape ``[np]``, init 1,
+    and is partitioned over TP with the heads (``partition_dim=0``).
+    """
+
+    def __init__(self, *args, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(*args, config=config, **kwargs)
+        heads = divide(config.num_attention_heads, config.tensor_model_parallel_size)
+        self.head_scale = torch.nn.Parameter(
+            torch.ones(heads, device=_param_device(config), dtype=config.params_dtype)
+        )
+        set_tensor_model_parallel_attributes(self.head_scale, is_parallel=True, dim=0, stride=1)
+
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        out = super().forward(*args, **kwargs)
+        heads = out.view(*out.shape[:-1], self.head_scale.numel(), -1)
+        return (heads * self.head_scale.to(out.dtype).unsqueeze(-1)).view(out.shape)
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
+        metadata = ensure_metadata_has_dp_cp_group(metadata)
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        own = {"head_scale": self.head_scale}
+        sharded.update(_tp_sharded_state_dict(own, prefix, sharded_offsets, metadata))
+        return sharded
+
+
+class ResidualScale(torch.nn.Module):
+    """``lambda * residual``: a learned per-channel vector (init 1) on the FFN skip path.
+
+    Replicated over TP. Under sequence parallelism each rank scales its own slice of the
+    sequence, so the gradient is a partial sum over tokens: the parameter is tagged
+    ``sequence_parallel`` and all-reduced over TP like the norms' gains.
+    """
+
+    def __init__(self, config: TransformerConfig, **unused) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(
+            torch.ones(config.hidden_size, device=_param_device(config), dtype=config.params_dtype)
+        )
+        self.weight.sequence_parallel = config.sequence_parallel
+
+    def forward(self, residual: torch.Tensor) -> torch.Tensor:
+        return residual * self.weight
+
+
+# ---------------------------------------------------------------------------------------
+# Spec and model.
+# ---------------------------------------------------------------------------------------
+
+Submodule = Union[ModuleSpec, type]
+_WRAPPED: dict[tuple[type, type], type] = {}
+
+
+def _with_mixin(submodule: Submodule, mixin: type, name: str) -> Submodule:
+    """``submodule`` (a class or a ModuleSpec of one) with ``mixin`` in front of its class."""
+    base = submodule.module if isinstance(submodule, ModuleSpec) else submodule
+    if not isinstance(base, type):
+        raise TypeError(f"NormFormer can only wrap a module class for {name}, got {base!r}")
+    if not issubclass(base, mixin):
+        key = (mixin, base)
+        if key not in _WRAPPED:
+            prefix = mixin.__name__.removesuffix("Mixin")
+            _WRAPPED[key] = type(f"{prefix}{base.__name__}", (mixin, base), {"__module__": __name__})
+        base = _WRAPPED[key]
+    return replace(submodule, module=base) if isinstance(submodule, ModuleSpec) else base
+
+
+def _is_transformer_engine(submodule: Submodule) -> bool:
+    cls = submodule.module if isinstance(submodule, ModuleSpec) else submodule
+    return any(c.__module__.startswith("megatron.core.extensions.transformer_engine") for c in cls.__mro__)
+
+
+def _post_attention_norm(core_attention: Submodule) -> type:
+    if _is_transformer_engine(core_attention):
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    return TorchNorm
+
+
+def _check(config: TransformerConfig, cfg: NormFormerConfig) -> None:
+    if (cfg.post_attention_norm or cfg.ffn_norm) and config.normalization not in NORMALIZATIONS:
+        raise ValueError(
+            f"NormFormer's norms support normalization in {NORMALIZATIONS}, got {config.normalization!r}"
+        )
+    if cfg.ffn_norm and config.num_moe_experts is not None:
+        raise ValueError(
+            "NormFormer's FFN norm supports dense MLPs only; disable it "
+            "(--normformer-no-ffn-norm) or num_moe_experts"
+        )
+
+
+def apply_to_layer_spec(spec: ModuleSpec, config: TransformerConfig, cfg: NormFormerConfig) -> ModuleSpec:
+    """``spec`` with the enabled NormFormer parts; the classes already in it are wrapped, not replaced."""
+    _check(config, cfg)
+    layer = spec.submodules
+    attention, mlp = layer.self_attention, layer.mlp
+    updates = {}
+    if cfg.head_scale:
+        core = _with_mixin(attention.submodules.core_attention, HeadScaleMixin, "core_attention")
+        submodules = replace(attention.submodules, core_attention=core)
+        updates["self_attention"] = replace(attention, submodules=submodules)
+    if cfg.post_attention_norm:
+        updates["post_attention_norm"] = _post_attention_norm(attention.submodules.core_attention)
+    if cfg.ffn_norm:
+        fc2 = _with_mixin(mlp.submodules.linear_fc2, FFNNormMixin, "linear_fc2")
+        updates["mlp"] = replace(mlp, submodules=replace(mlp.submodules, linear_fc2=fc2))
+    if cfg.residual_scale:
+        updates["mlp_skip_scale"] = ResidualScale
+    return replace(spec, submodules=replace(layer, **updates))
+
+
+def normformer_parameters(model: GPTModel) -> list[torch.nn.Parameter]:
+    """The parameters NormFormer added to this rank's part of ``model``."""
+    params = []
+    for layer in getattr(model.decoder, "layers", ()):
+        core, fc2 = layer.self_attention.core_attention, layer.mlp.linear_fc2
+        if isinstance(core, HeadScaleMixin):
+            params.append(core.head_scale)
+        if isinstance(fc2, FFNNormMixin):
+            params.extend(fc2.ffn_norm.parameters())
+        for hook in (layer.post_attention_norm, layer.mlp_skip_scale):
+            if hook is not None:
+                params.extend(hook.parameters())
+    return params
+
+
+def parameter_overhead(model: GPTModel) -> tuple[int, int]:
+    """(parameters NormFormer added, parameters without them) on this rank."""
+    added = sum(p.numel() for p in normformer_parameters(model))
+    return added, sum(p.numel() for p in model.parameters()) - added
+
+
+def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: NormFormerConfig) -> None:
+    """Log NormFormer's parameter overhead on this rank (its TP shard of its pipeline stage)."""
+    added, base = parameter_overhead(model)
+    logger.info(
+        "NormFormer %s adds %d parameters to the %d of this rank (TP rank %d of %d, "
+        "PP rank %d of %d): +%.3f%%",
+        cfg, added, base,
+        parallel_state.get_tensor_model_parallel_rank(), config.tensor_model_parallel_size,
+        parallel_state.get_pipeline_model_parallel_rank(), config.pipeline_model_parallel_size,
+        100.0 * added / base,
+    )

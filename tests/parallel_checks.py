@@ -7,6 +7,8 @@ method's tests reuse the same checks.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
@@ -101,10 +103,191 @@ def tp_loss_and_grads(rank, world, extensions: ExtensionConfig, overrides: dict,
         for name, param in model.named_parameters():
             grad = param.grad
             if getattr(param, "tensor_model_parallel", False):
-                dim = param.partition_dim
-                parts = [torch.empty_like(grad) for _ in range(tp)]
-                dist.all_gather(parts, grad.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
-                grad = torch.cat(parts, dim=dim)
+                grad = gather_tp_partitions(param, grad)
             grads[name] = grad
         results[tp] = (float(loss), grad_norm(model.parameters()), grads)
     return results
+
+
+def gather_tp_partitions(param: torch.nn.Parameter, shard: torch.Tensor) -> torch.Tensor:
+    """The full tensor of a TP-partitioned ``param`` from every rank's ``shard`` (e.g. its grad).
+
+    With ``partition_stride`` s (2 for a SwiGLU fc1: [gate; up]) each rank holds s chunks
+    along ``partition_dim``; the full tensor is chunk 0 of every rank, then chunk 1, ...
+    """
+    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
+    parts = [torch.empty_like(shard) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    chunks = [part.chunk(stride, dim=dim) for part in parts]
+    return torch.cat([rank_chunks[s] for s in range(stride) for rank_chunks in chunks], dim=dim)
+
+
+def set_tp_invariant(param: torch.nn.Parameter, full: torch.Tensor) -> None:
+    """Set ``param`` to this rank's shard of the full tensor ``full`` (stride-1 partitions)."""
+    if getattr(param, "tensor_model_parallel", False):
+        assert getattr(param, "partition_stride", 1) == 1, "only stride-1 partitions"
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        full = full.chunk(tp, dim=param.partition_dim)[parallel_state.get_tensor_model_parallel_rank()]
+    param.data.copy_(full)
+
+
+@contextlib.contextmanager
+def cpu_sequence_parallel():
+    """Let megatron-core's sequence-parallel communication run over gloo on the CPU.
+
+    Its sequence all-gathers and reduce-scatters allocate their outputs with
+    ``device=torch.cuda.current_device()``; inside this context that names the CPU.
+    The collectives themselves are torch.distributed's, unchanged.
+    """
+    original = torch.cuda.current_device
+    torch.cuda.current_device = lambda: torch.device("cpu")
+    try:
+        yield
+    finally:
+        torch.cuda.current_device = original
+
+
+def perturb_normformer(model, seed: int) -> None:
+    """Set every NormFormer parameter to 1 + 0.2 N(0, 1), the same full values at every TP size."""
+    from megatron_ext.normformer import normformer_parameters
+
+    for index, param in enumerate(normformer_parameters(model)):
+        shape = list(param.shape)
+        if getattr(param, "tensor_model_parallel", False):
+            shape[param.partition_dim] *= parallel_state.get_tensor_model_parallel_world_size()
+        g = torch.Generator().manual_seed(seed + index)
+        set_tp_invariant(param, 1.0 + 0.2 * torch.randn(shape, generator=g))
+
+
+def tp_cases_loss_and_grads(rank, world, cases: list, step: int = 0, perturb_seed=None) -> list:
+    """For each ``(extensions, overrides, tp2_overrides)``: {tp: (loss, gathered grads)} on rank 0.
+
+    ``tp2_overrides`` (e.g. sequence parallelism) apply at TP=2 only. With ``perturb_seed``
+    the NormFormer parameters get TP-invariant values away from their init first.
+    """
+    results = []
+    for extensions, overrides, tp2_overrides in cases:
+        per_tp = {}
+        for tp in (2, 1):
+            initialize_cpu_parallel(tp, 1)
+            model = build(tiny_config(**overrides, **(tp2_overrides if tp > 1 else {})), extensions)
+            set_prores_step(model, step)
+            if perturb_seed is not None:
+                perturb_normformer(model, perturb_seed)
+            with cpu_sequence_parallel():
+                loss = forward_loss(model, batch())
+                loss.backward()
+            allreduce_sequence_parallel_grads([model])
+            grads = {
+                name: gather_tp_partitions(p, p.grad) if getattr(p, "tensor_model_parallel", False) else p.grad
+                for name, p in model.named_parameters()
+            }
+            per_tp[tp] = (float(loss), grads)
+        results.append(per_tp if rank == 0 else None)
+    return results
+
+
+def _gather_last_dim(shard: torch.Tensor) -> torch.Tensor:
+    parts = [torch.empty_like(shard) for _ in range(parallel_state.get_tensor_model_parallel_world_size())]
+    dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
+    return torch.cat(parts, dim=-1)
+
+
+def ffn_norm_tp_vs_full(rank, world, normalizations: list[str], width: int = 24) -> dict:
+    """TP=2 FFNNorm on a sharded input vs the full-width torch norm: {norm: (ours, reference)}.
+
+    Each side is (output, input grad, gain grad, bias grad or None), ours gathered over TP.
+    """
+    import torch.nn.functional as F
+
+    from megatron_ext.normformer import FFNNorm
+
+    initialize_cpu_parallel(2, 1)
+    group = parallel_state.get_tensor_model_parallel_group()
+    g = torch.Generator().manual_seed(3)
+    results = {}
+    for normalization in normalizations:
+        config = tiny_config(normalization=normalization, layernorm_epsilon=1e-5)
+        norm = FFNNorm(config, width, group)
+        x = 3.0 + 2.0 * torch.randn(5, 2, width, generator=g)  # offset mean: LayerNorm must centre
+        upstream = torch.randn(5, 2, width, generator=g)
+        gain = 1.0 + 0.3 * torch.randn(width, generator=g)
+        bias = 0.3 * torch.randn(width, generator=g)
+        set_tp_invariant(norm.weight, gain)
+        if norm.bias is not None:
+            set_tp_invariant(norm.bias, bias)
+        shard = x.chunk(2, dim=-1)[parallel_state.get_tensor_model_parallel_rank()].clone().requires_grad_()
+        out = norm(shard)
+        (out * upstream.chunk(2, dim=-1)[parallel_state.get_tensor_model_parallel_rank()]).sum().backward()
+        ours = tuple(  # every tensor here is sharded along its last dim
+            None if t is None else _gather_last_dim(t)
+            for t in (out.detach(), shard.grad, norm.weight.grad, None if norm.bias is None else norm.bias.grad)
+        )
+        x_full = x.clone().requires_grad_()
+        gain_full, bias_full = gain.clone().requires_grad_(), bias.clone().requires_grad_()
+        if normalization == "LayerNorm":
+            ref = F.layer_norm(x_full, (width,), gain_full, bias_full, eps=1e-5)
+        else:
+            ref = F.rms_norm(x_full, (width,), gain_full, eps=1e-5)
+        (ref * upstream).sum().backward()
+        bias_grad = bias_full.grad if normalization == "LayerNorm" else None
+        reference = (ref.detach(), x_full.grad, gain_full.grad, bias_grad)
+        results[normalization] = (ours, reference)
+    return results if rank == 0 else None
+
+
+def normformer_sharded_keys(rank, world, extensions: ExtensionConfig, overrides: dict) -> dict:
+    """TP=2: {key: (local shape, global shape, global offset)} of the NormFormer checkpoint tensors."""
+    initialize_cpu_parallel(2, 1)
+    model = build(tiny_config(**overrides), extensions)
+    return {
+        key: (tuple(t.local_shape), tuple(t.global_shape), tuple(t.global_offset))
+        for key, t in model.sharded_state_dict().items()
+        if any(part in key for part in ("head_scale", "ffn_norm", "post_attention_norm", "mlp_skip_scale"))
+    }
+
+
+def run_checks(rank, world, calls: list) -> list:
+    """Run several rank functions ``(fn, args)`` in one world (one spawn for many checks)."""
+    return [fn(rank, world, *args) for fn, args in calls]
+
+
+def wesar_tp_step(rank, world, cases: list[tuple[ExtensionConfig, dict, dict]], lr: float = 1e-3):
+    """WeSaR under tensor parallelism, then a two-stage pipeline split; one gloo world.
+
+    For each case ``(extensions, config overrides, gpt_model kwargs)`` and TP size 2 and 1:
+    loss, gate gradients and, after one AdamW step over ``wesar.param_groups``, gate values
+    and the loss again; plus (TP=2) the gates' checkpoint tensors as
+    ``{name: (global_shape, local_shape, replica_id)}``. Sequence parallelism in the
+    overrides applies at TP=2 only. Last: ``pipeline_split_logits`` of the first case.
+    """
+    from megatron_ext.wesar import gate_parameters, param_groups
+
+    results = []
+    for extensions, overrides, kwargs in cases:
+        per_tp = {}
+        for tp in (2, 1):
+            initialize_cpu_parallel(tp, 1)
+            # megatron refuses sequence parallelism at TP=1; it computes the same model there
+            serial = {k: v for k, v in overrides.items() if k != "sequence_parallel"}
+            model = build(tiny_config(**(overrides if tp > 1 else serial)), extensions, **kwargs)
+            data = batch()
+            with cpu_sequence_parallel():
+                loss = forward_loss(model, data)
+                loss.backward()
+            allreduce_sequence_parallel_grads([model])
+            gates = gate_parameters(model)
+            grads = {name: float(gate.grad) for name, gate in gates.items()}
+            groups = param_groups(model, 0.1, extensions.wesar)
+            torch.optim.AdamW([{**g, "lr": lr * g["lr_mult"]} for g in groups]).step()
+            with torch.no_grad(), cpu_sequence_parallel():
+                loss_after = float(forward_loss(model, data))
+            sharded = {}
+            if tp == 2:
+                state = model.sharded_state_dict()
+                sharded = {n: (state[n].global_shape, state[n].local_shape, state[n].replica_id) for n in gates}
+            per_tp[tp] = dict(loss=loss.item(), grads=grads, gates={n: g.item() for n, g in gates.items()},
+                              loss_after=loss_after, sharded=sharded)
+        results.append(per_tp)
+    extensions, overrides, _ = cases[0]
+    return results, pipeline_split_logits(rank, world, extensions, overrides, 0)

@@ -1,0 +1,173 @@
+"""NormFormer on one rank: the full-width FFN norm, the end points and each part's effect."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from megatron.core.extensions.transformer_engine import TENorm
+from megatron.core.tensor_parallel import RowParallelLinear
+from megatron.core.transformer.spec_utils import ModuleSpec
+from model_utils import LLAMA_LIKE, batch, build, logits, tiny_config
+
+from megatron_ext import ExtensionConfig, NormFormerConfig
+from megatron_ext.model import build_layer_spec
+from megatron_ext.normformer import (
+    FFNNormMixin,
+    HeadScaleMixin,
+    apply_to_layer_spec,
+    normformer_parameters,
+    parameter_overhead,
+    sharded_width_norm,
+)
+from megatron_ext.norms import TorchNorm
+
+pytestmark = pytest.mark.usefixtures("parallel1")
+
+SMALL = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4)
+SHAPES = {"gpt": SMALL, "llama-like": {**SMALL, **LLAMA_LIKE}}
+OFF = NormFormerConfig(head_scale=False, post_attention_norm=False, ffn_norm=False)
+
+
+def _inputs(width: int, bias: bool):
+    g = torch.Generator().manual_seed(0)
+    x = (2.0 + 3.0 * torch.randn(3, 2, width, generator=g, dtype=torch.float64)).requires_grad_()
+    weight = (1.0 + 0.3 * torch.randn(width, generator=g, dtype=torch.float64)).requires_grad_()
+    b = (0.3 * torch.randn(width, generator=g, dtype=torch.float64)).requires_grad_() if bias else None
+    return x, weight, b
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["LayerNorm", "RMSNorm"])
+def test_ffn_norm_on_one_rank_equals_torch_norm(rms):
+    width, eps = 12, 1e-5
+    x, weight, bias = _inputs(width, bias=not rms)
+    ours = sharded_width_norm(x, weight, bias, width=width, eps=eps, rms=rms, group=None)
+    ref = F.rms_norm(x, (width,), weight, eps) if rms else F.layer_norm(x, (width,), weight, bias, eps)
+    torch.testing.assert_close(ours, ref)
+    upstream = torch.randn_like(ref)
+    params = [t for t in (x, weight, bias) if t is not None]
+    ours_grads, ref_grads = (torch.autograd.grad(out, params, upstream) for out in (ours, ref))
+    for got, expected in zip(ours_grads, ref_grads):
+        torch.testing.assert_close(got, expected)
+    # The hand-written backward against finite differences.
+    assert torch.autograd.gradcheck(
+        lambda *t: sharded_width_norm(*t, width=width, eps=eps, rms=rms, group=None), (x, weight, bias)
+    )
+
+
+def test_ffn_norm_keeps_bf16_activations_with_fp32_statistics():
+    x, weight, bias = (t.detach() for t in _inputs(64, bias=True))
+    x, weight, bias = (t.bfloat16() for t in (x, weight, bias))
+    out = sharded_width_norm(x, weight, bias, width=64, eps=1e-5, rms=False, group=None)
+    assert out.dtype == torch.bfloat16
+    ref = F.layer_norm(x.double(), (64,), weight.double(), bias.double(), 1e-5)
+    torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+def _with_weights_of(model, source):
+    """Load ``source``'s weights into ``model``; only NormFormer's own parameters may be missing."""
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    added = {id(p) for p in normformer_parameters(model)}
+    named = dict(model.named_parameters())
+    assert not unexpected and all(id(named[key]) in added for key in missing if key in named)
+    return model
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_unit_scales_and_norms_off_give_the_baseline_and_each_part_changes_it(shape):
+    config, data = tiny_config(**SHAPES[shape]), batch()
+    baseline = build(config)
+    expected = logits(baseline, data)
+
+    scales_only = NormFormerConfig(post_attention_norm=False, ffn_norm=False, residual_scale=True)
+    model = _with_weights_of(build(config, ExtensionConfig(normformer=scales_only)), baseline)
+    torch.testing.assert_close(logits(model, data), expected, rtol=0, atol=0)
+
+    for name in ("head_scale", "mlp_skip_scale"):
+        changed = _with_weights_of(build(config, ExtensionConfig(normformer=scales_only)), baseline)
+        with torch.no_grad():
+            for param_name, param in changed.named_parameters():
+                if name in param_name:
+                    param.mul_(torch.linspace(0.5, 1.5, param.numel()))
+        assert not torch.allclose(logits(changed, data), expected, atol=1e-4), name
+    for part in ("post_attention_norm", "ffn_norm"):
+        one_norm = replace(OFF, **{part: True})
+        changed = _with_weights_of(build(config, ExtensionConfig(normformer=one_norm)), baseline)
+        assert not torch.allclose(logits(changed, data), expected, atol=1e-4), part
+
+
+def test_head_scale_multiplies_each_head_before_the_output_projection():
+    config, data = tiny_config(**SMALL), batch()
+    only_heads = NormFormerConfig(post_attention_norm=False, ffn_norm=False)
+    scaled = build(config, ExtensionConfig(normformer=only_heads))
+    folded = _with_weights_of(build(config, ExtensionConfig(normformer=only_heads)), scaled)
+    head_dim = config.kv_channels
+    scales = torch.tensor([0.5, 2.0, 0.0, 1.5])
+    with torch.no_grad():
+        for layer, folded_layer in zip(scaled.decoder.layers, folded.decoder.layers):
+            layer.self_attention.core_attention.head_scale.copy_(scales)
+            # s_h * head_h fed to W^O equals head_h fed to W^O with its columns for head h times s_h.
+            folded_layer.self_attention.linear_proj.weight.mul_(scales.repeat_interleave(head_dim))
+    torch.testing.assert_close(logits(scaled, data), logits(folded, data), rtol=1e-5, atol=1e-5)
+
+
+def test_parameter_overhead_is_counted_and_logged(caplog):
+    config = tiny_config(**SMALL)
+    layers, heads, hidden, ffn = 2, 4, 32, 64
+    baseline = sum(p.numel() for p in build(config).parameters())
+    with caplog.at_level(logging.INFO, logger="megatron_ext.normformer"):
+        model = build(config, ExtensionConfig(normformer=NormFormerConfig(residual_scale=True)))
+    # Per layer: head scales, post-attention LayerNorm (gain, bias), FFN LayerNorm, residual scale.
+    added = layers * (heads + 2 * hidden + 2 * ffn + hidden)
+    assert parameter_overhead(model) == (added, baseline)
+    assert f"adds {added} parameters to the {baseline}" in caplog.text
+    assert f"+{100 * added / baseline:.3f}%" in caplog.text
+
+
+class GatedRowParallelLinear(RowParallelLinear):
+    """Stands in for another method's fc2 subclass (as WeSaR's gated linears)."""
+
+
+def test_spec_wraps_whatever_classes_it_holds():
+    config = tiny_config(**SMALL)
+    spec = build_layer_spec(config, ExtensionConfig())
+    mlp = spec.submodules.mlp
+    fc2 = ModuleSpec(module=GatedRowParallelLinear, params={"marker": 1})
+    spec.submodules.mlp = ModuleSpec(module=mlp.module, params=mlp.params, submodules=type(mlp.submodules)(
+        linear_fc1=mlp.submodules.linear_fc1, linear_fc2=fc2))
+    wrapped = apply_to_layer_spec(spec, config, NormFormerConfig())
+    new_fc2 = wrapped.submodules.mlp.submodules.linear_fc2
+    assert issubclass(new_fc2.module, FFNNormMixin) and issubclass(new_fc2.module, GatedRowParallelLinear)
+    assert new_fc2.params == {"marker": 1}
+    core = wrapped.submodules.self_attention.submodules.core_attention
+    assert issubclass(core, HeadScaleMixin)
+    assert issubclass(core, spec.submodules.self_attention.submodules.core_attention)
+    assert wrapped.submodules.post_attention_norm is TorchNorm
+    # One class per base, and no second layer of wrapping.
+    again = apply_to_layer_spec(wrapped, config, NormFormerConfig())
+    assert again.submodules.mlp.submodules.linear_fc2.module is new_fc2.module
+    fresh = apply_to_layer_spec(spec, config, NormFormerConfig())
+    assert fresh.submodules.mlp.submodules.linear_fc2.module is new_fc2.module
+
+
+def test_transformer_engine_layers_get_the_transformer_engine_norm():
+    config = tiny_config(**SMALL)
+    spec = build_layer_spec(config, ExtensionConfig())
+    te_module = "megatron.core.extensions.transformer_engine"
+    te_attention = type("TEDotProductAttention", (), {"__module__": te_module})
+    spec.submodules.self_attention.submodules.core_attention = type("Gated", (te_attention,), {})
+    wrapped = apply_to_layer_spec(spec, config, NormFormerConfig(head_scale=False))
+    assert wrapped.submodules.post_attention_norm is TENorm
+
+
+def test_bad_input_is_a_clear_error():
+    with pytest.raises(TypeError, match="NormFormerConfig.ffn_norm must be a bool"):
+        NormFormerConfig(ffn_norm="yes")
+    spec = build_layer_spec(tiny_config(**SMALL), ExtensionConfig())
+    with pytest.raises(ValueError, match="normalization in .*'L2Norm'"):
+        apply_to_layer_spec(spec, tiny_config(**SMALL, normalization="L2Norm"), NormFormerConfig())
+    with pytest.raises(ValueError, match="--normformer-no-ffn-norm"):
+        apply_to_layer_spec(spec, tiny_config(**SMALL, num_moe_experts=2), NormFormerConfig())
