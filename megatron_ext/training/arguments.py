@@ -1,0 +1,438 @@
+"""Command line of ``pretrain_gpt.py``: Megatron-LM flag names, a YAML ``--config`` and
+validation of every cross-flag constraint before anything is built.
+
+A YAML file's keys are flag names (``num-layers`` or ``num_layers``); the command line
+overrides it. :func:`validate_args` raises :class:`ConfigError` naming the flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from typing import Any, Optional, Sequence
+
+import yaml
+
+from megatron_ext.data.tokenizers import TOKENIZER_TYPES
+from megatron_ext.prores import SCHEDULES
+from megatron_ext.wesar import BACKBONES
+
+LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+DEVICES = ("auto", "cpu", "cuda")
+TOKENIZERS_WITHOUT_MODEL = ("ByteLevelTokenizer",)
+
+# Method sub-flags default to None so that giving one without its method is detectable;
+# their real defaults are filled in by validate_args.
+METHOD_SUBFLAG_DEFAULTS = {
+    "prores": {"prores_schedule": "linear", "prores_warmup": 1000},
+    "wesar": {
+        "wesar_std": 0.006325, "wesar_backbone": "he", "wesar_gate_weight_decay": 0.0,
+        "wesar_gate_lr_mult": 1.0, "wesar_exclude_gates_from_clip": False,
+    },
+    "normformer": {
+        "normformer_no_head_scale": False, "normformer_no_post_attention_norm": False,
+        "normformer_no_ffn_norm": False, "normformer_residual_scale": False,
+    },
+}
+
+
+class ConfigError(ValueError):
+    """An inconsistent or incomplete training configuration."""
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags, grouped as in ``--help``; defaults are shown there."""
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt.py",
+        description="Pretrain a GPT on megatron-core with optional ProRes, WeSaR and NormFormer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help="YAML file whose keys are flag names; the command line overrides it")
+
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, default=None, help="decoder layers L (required)")
+    g.add_argument("--hidden-size", type=int, default=None, help="model width d (required)")
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="FFN width (default 4 * hidden size)")
+    g.add_argument("--num-attention-heads", type=int, default=None, help="attention heads (required)")
+    g.add_argument("--num-query-groups", type=int, default=None, help="key/value groups for GQA (default: heads)")
+    g.add_argument("--seq-length", type=int, default=None, help="tokens per sample (required)")
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=("learned_absolute", "rope"), default="learned_absolute")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU FFN (gated SiLU)")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
+    g.add_argument("--use-cpu-initialization", action="store_true", default=None,
+                   help="draw full weights on the CPU and keep this rank's shard (TP-invariant); default on the CPU path")
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true", help="GPU only")
+    g.add_argument("--overlap-grad-reduce", action="store_true", help="GPU only")
+    g.add_argument("--overlap-param-gather", action="store_true", help="GPU only; needs the two above")
+    g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU path")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=1)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x data-parallel size")
+    g.add_argument("--train-iters", type=int, default=None, help="optimizer iterations (required)")
+    g.add_argument("--lr", type=float, default=None, help="peak learning rate (required)")
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=LR_DECAY_STYLES, default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: iterations of the final decay")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip; 0 disables")
+    g.add_argument("--bf16", action="store_true", help="GPU only")
+    g.add_argument("--fp16", action="store_true", help="GPU only")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-consecutive-skips", type=int, default=5,
+                   help="stop after this many consecutive steps with a non-finite loss or grad norm")
+    g.add_argument("--spike-std", type=float, default=4.0,
+                   help="log a loss-spike event when the loss exceeds the running mean by this many std")
+    g.add_argument("--spike-window", type=int, default=100, help="iterations in the running loss statistics")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="dataset prefix(es) of .bin/.idx, optionally weighted: W1 PREFIX1 W2 PREFIX2 ...")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default=None, help="(required)")
+    g.add_argument("--tokenizer-model", default=None, help="SentencePiece .model / HuggingFace tokenizer.json")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this (not multiplied by the TP size, so the "
+                        "model does not change with it); must be divisible by --tensor-model-parallel-size")
+    g.add_argument("--data-cache-path", default=None, help="where the dataset index caches go (default: beside the data)")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--save", default=None, help="checkpoint directory")
+    g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--no-load-optim", action="store_true", help="load the model only")
+    g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--finetune", action="store_true", help="load the model only; iteration and data restart at 0")
+    g.add_argument("--override-checkpoint-methods", action="store_true",
+                   help="load a checkpoint trained with other method settings (ProRes/WeSaR/NormFormer)")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100, help="validation batches per evaluation; 0 disables")
+    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None)
+    g.add_argument("--wandb-exp-name", default=None)
+    g.add_argument("--gpu-peak-tflops", type=float, default=989.0,
+                   help="dense peak of one GPU for MFU (H100 SXM bf16: 989)")
+
+    g = p.add_argument_group("ProRes (progressive residual warmup)")
+    g.add_argument("--prores", action="store_true")
+    g.add_argument("--prores-schedule", choices=SCHEDULES, default=None, help="default: linear")
+    g.add_argument("--prores-warmup", type=int, default=None, help="T, first layer's warmup in steps (default 1000)")
+
+    g = p.add_argument_group("WeSaR (weight scaling as reparameterization)")
+    g.add_argument("--wesar", action="store_true")
+    g.add_argument("--wesar-std", type=float, default=None, help="common base-weight std (default 0.006325)")
+    g.add_argument("--wesar-backbone", choices=BACKBONES, default=None, help="gate targets (default he)")
+    g.add_argument("--wesar-gate-weight-decay", type=float, default=None, help="default 0")
+    g.add_argument("--wesar-gate-lr-mult", type=float, default=None, help="default 1")
+    g.add_argument("--wesar-exclude-gates-from-clip", action="store_true", default=None)
+
+    g = p.add_argument_group("NormFormer")
+    g.add_argument("--normformer", action="store_true", help="head scale, post-attention norm and FFN norm")
+    g.add_argument("--normformer-no-head-scale", action="store_true", default=None)
+    g.add_argument("--normformer-no-post-attention-norm", action="store_true", default=None)
+    g.add_argument("--normformer-no-ffn-norm", action="store_true", default=None)
+    g.add_argument("--normformer-residual-scale", action="store_true", default=None)
+    for action in p._actions:
+        if action.help is None:
+            action.help = "(default: %(default)s)"
+    return p
+
+
+def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+        return value if isinstance(action, argparse._StoreTrueAction) else not value
+    if action.nargs in ("+", "*"):
+        values = value if isinstance(value, list) else str(value).split()
+        return [action.type(v) if action.type else str(v) for v in values]
+    if value is not None and action.type is not None:
+        try:
+            value = action.type(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} expects {action.type.__name__}, got {value!r}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ConfigError(f"{source}: {key} must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return value
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Flag values (by argparse dest) from a YAML file of flag names."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values = {}
+    for key, value in raw.items():
+        dest = str(key).lstrip("-").replace("-", "_")
+        if dest not in actions:
+            raise ConfigError(f"--config {path}: unknown flag {key!r}")
+        values[dest] = _coerce(actions[dest], key, value, f"--config {path}")
+    return values
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse ``argv`` over the defaults of an optional ``--config`` YAML file."""
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config is not None:
+        parser.set_defaults(**load_config_file(pre.config, parser))
+    return parser.parse_args(argv)
+
+
+def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
+    """``[prefix]`` or ``[w1, prefix1, w2, prefix2, ...]`` -> (prefixes, weights or None)."""
+    if len(data_path) == 1:
+        return [data_path[0]], None
+    if len(data_path) % 2:
+        raise ConfigError(f"--data-path: expected one prefix or weight/prefix pairs, got {len(data_path)} values")
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError:
+        raise ConfigError(f"--data-path: with several datasets every prefix needs a weight before it: {' '.join(data_path)}") from None
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"--data-path: weights must be > 0, got {weights}")
+    return list(data_path[1::2]), weights
+
+
+def _require(args: argparse.Namespace, *dests: str) -> None:
+    missing = [_flag(d) for d in dests if getattr(args, d) is None]
+    if missing:
+        raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
+
+
+def _fill_method_defaults(args: argparse.Namespace) -> None:
+    for method, defaults in METHOD_SUBFLAG_DEFAULTS.items():
+        given = [d for d in defaults if getattr(args, d) is not None]
+        if given and not getattr(args, method):
+            raise ConfigError(f"{', '.join(map(_flag, given))} given without --{method}")
+        for dest, default in defaults.items():
+            if getattr(args, dest) is None:
+                setattr(args, dest, default)
+
+
+def _check_pipeline_layers(args: argparse.Namespace) -> None:
+    L, pp = args.num_layers, args.pipeline_model_parallel_size
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    if (first is not None or last is not None) and pp == 1:
+        raise ConfigError("--decoder-first/last-pipeline-num-layers need --pipeline-model-parallel-size > 1")
+    middle_layers, middle_stages = L, pp
+    for name, value in (("--decoder-first-pipeline-num-layers", first), ("--decoder-last-pipeline-num-layers", last)):
+        if value is not None:
+            if value < 1:
+                raise ConfigError(f"{name} must be >= 1, got {value}")
+            middle_layers -= value
+            middle_stages -= 1
+    if middle_layers < 0 or (middle_stages == 0 and middle_layers != 0):
+        raise ConfigError(
+            f"--num-layers {L} does not match --decoder-first/last-pipeline-num-layers ({first}, {last}) "
+            f"over --pipeline-model-parallel-size {pp}")
+    if middle_stages and middle_layers % middle_stages:
+        raise ConfigError(
+            f"--num-layers {L} minus --decoder-first/last-pipeline-num-layers ({first}, {last}) leaves "
+            f"{middle_layers} layers, not divisible by the {middle_stages} remaining stages of "
+            f"--pipeline-model-parallel-size {pp}")
+    vp = args.num_layers_per_virtual_pipeline_stage
+    if vp is not None:
+        if pp < 2:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2")
+        if first is not None or last is not None:
+            raise ConfigError("--num-layers-per-virtual-pipeline-stage cannot be combined with "
+                              "--decoder-first/last-pipeline-num-layers in this driver")
+        if vp < 1 or (L // pp) % vp:
+            raise ConfigError(
+                f"--num-layers {L} / --pipeline-model-parallel-size {pp} = {L // pp} layers per stage is not "
+                f"divisible by --num-layers-per-virtual-pipeline-stage {vp}")
+
+
+def _check_data_files(args: argparse.Namespace) -> None:
+    prefixes, _ = parse_data_path(args.data_path)
+    for prefix in prefixes:
+        for ext in (".bin", ".idx"):
+            if not os.path.isfile(prefix + ext):
+                raise ConfigError(f"--data-path: {prefix}{ext} not found (write it with tools/preprocess_data.py)")
+    if args.tokenizer_type not in TOKENIZERS_WITHOUT_MODEL:
+        if args.tokenizer_model is None:
+            raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
+        if not os.path.exists(args.tokenizer_model):
+            raise ConfigError(f"--tokenizer-model {args.tokenizer_model} not found")
+    try:
+        split = [float(s) for s in args.split.replace("/", ",").split(",")]
+    except ValueError:
+        raise ConfigError(f"--split must be comma-separated weights like 969,30,1, got {args.split!r}") from None
+    if len(split) > 3 or any(s < 0 for s in split) or not sum(split) > 0:
+        raise ConfigError(f"--split must be up to three non-negative weights with a positive sum, got {args.split!r}")
+    if args.eval_iters > 0 and (len(split) < 2 or split[1] == 0):
+        raise ConfigError(f"--eval-iters {args.eval_iters} needs a validation share in --split (got {args.split!r}); "
+                          "use --eval-iters 0 to train without validation")
+
+
+def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> None:
+    """Check every cross-flag constraint and fill derived defaults, in place.
+
+    Sets ``data_parallel_size``, ``num_microbatches``, ``use_cuda`` and the derived
+    defaults (FFN width, query groups, global batch, decay iterations, method sub-flags).
+    """
+    _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "lr",
+             "data_path", "tokenizer_type")
+    _fill_method_defaults(args)
+    args.use_cuda = use_cuda
+    for dest in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
+                 "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
+                 "log_interval", "eval_interval"):
+        if getattr(args, dest) < 1:
+            raise ConfigError(f"{_flag(dest)} must be >= 1, got {getattr(args, dest)}")
+    if args.ffn_hidden_size is None:
+        args.ffn_hidden_size = 4 * args.hidden_size
+    if args.num_query_groups is None:
+        args.num_query_groups = args.num_attention_heads
+    if args.max_position_embeddings is None:
+        args.max_position_embeddings = args.seq_length
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+
+    if args.hidden_size % args.num_attention_heads:
+        raise ConfigError(f"--hidden-size {args.hidden_size} is not divisible by --num-attention-heads {args.num_attention_heads}")
+    if args.num_attention_heads % args.num_query_groups:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by --num-query-groups {args.num_query_groups}")
+    if args.num_attention_heads % tp:
+        raise ConfigError(f"--num-attention-heads {args.num_attention_heads} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.num_query_groups % tp:
+        raise ConfigError(f"--num-query-groups {args.num_query_groups} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.make_vocab_size_divisible_by < 1 or args.make_vocab_size_divisible_by % tp:
+        raise ConfigError(f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} is not divisible by "
+                          f"--tensor-model-parallel-size {tp}")
+    if args.ffn_hidden_size % tp:
+        raise ConfigError(f"--ffn-hidden-size {args.ffn_hidden_size} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.sequence_parallel and tp == 1:
+        raise ConfigError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
+    if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
+    _check_pipeline_layers(args)
+
+    if world_size % (tp * pp):
+        raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
+                          f"--pipeline-model-parallel-size {pp}")
+    args.data_parallel_size = world_size // (tp * pp)
+    if args.global_batch_size is None:
+        args.global_batch_size = args.micro_batch_size * args.data_parallel_size
+    per_step = args.micro_batch_size * args.data_parallel_size
+    if args.global_batch_size % per_step:
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by --micro-batch-size "
+                          f"{args.micro_batch_size} x data-parallel size {args.data_parallel_size}")
+    args.num_microbatches = args.global_batch_size // per_step
+    if args.num_layers_per_virtual_pipeline_stage is not None and args.num_microbatches % pp:
+        raise ConfigError(f"interleaved pipeline: {args.num_microbatches} micro-batches per step (global batch / "
+                          f"(micro batch x data-parallel size)) must be a multiple of --pipeline-model-parallel-size {pp}")
+
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if not 0 <= args.min_lr <= args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
+        raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below --lr-decay-iters {args.lr_decay_iters}")
+    if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
+        raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    if args.weight_decay < 0 or args.clip_grad < 0:
+        raise ConfigError("--weight-decay and --clip-grad must be >= 0")
+    if not (0 <= args.adam_beta1 < 1 and 0 <= args.adam_beta2 < 1):
+        raise ConfigError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
+    if args.bf16 and args.fp16:
+        raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if args.max_consecutive_skips < 1 or args.spike_window < 2 or not args.spike_std > 0:
+        raise ConfigError("--max-consecutive-skips must be >= 1, --spike-window >= 2 and --spike-std > 0")
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.save_interval is not None and (args.save is None or args.save_interval < 1):
+        raise ConfigError("--save-interval needs --save and a value >= 1")
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0, got {args.eval_iters}")
+
+    if args.prores:
+        if args.prores_warmup < 1:
+            raise ConfigError(f"--prores-warmup must be an integer >= 1 (steps), got {args.prores_warmup}")
+    if args.wesar:
+        if args.wesar_exclude_gates_from_clip and args.use_distributed_optimizer:
+            raise ConfigError("--wesar-exclude-gates-from-clip is not supported with --use-distributed-optimizer "
+                              "(the engine clips the DDP gradients itself, which the distributed optimizer shards)")
+        if not args.wesar_std > 0 or args.wesar_gate_weight_decay < 0 or not args.wesar_gate_lr_mult > 0:
+            raise ConfigError("--wesar-std and --wesar-gate-lr-mult must be > 0, --wesar-gate-weight-decay >= 0")
+
+    if not use_cuda:
+        _check_cpu_path(args)
+    elif args.use_cpu_initialization is None:
+        args.use_cpu_initialization = False
+    _check_data_files(args)
+
+
+def _check_cpu_path(args: argparse.Namespace) -> None:
+    gpu_only = [flag for flag, on in (
+        ("--pipeline-model-parallel-size > 1", args.pipeline_model_parallel_size > 1),
+        ("--use-distributed-optimizer", args.use_distributed_optimizer),
+        ("--overlap-grad-reduce", args.overlap_grad_reduce),
+        ("--overlap-param-gather", args.overlap_param_gather),
+        ("--bf16", args.bf16), ("--fp16", args.fp16),
+        # megatron-core's sequence-parallel linear all-gathers into a CUDA buffer.
+        ("--sequence-parallel", args.sequence_parallel),
+        ("--transformer-impl transformer_engine", args.transformer_impl == "transformer_engine"),
+    ) if on]
+    if gpu_only:
+        raise ConfigError(f"{', '.join(gpu_only)}: GPU path only (no CUDA here; the CPU path runs tensor and "
+                          "data parallelism over gloo in fp32 with the local transformer implementation)")
+    if args.use_cpu_initialization is None:
+        args.use_cpu_initialization = True
+
+
+def dataset_sizes(args: argparse.Namespace) -> list[int]:
+    """Samples the train, valid and test datasets must provide.
+
+    Every evaluation reads the same first ``eval_iters`` global batches of the
+    validation split, so validation losses are comparable across a run and a resume.
+    """
+    return [
+        args.train_iters * args.global_batch_size,
+        args.eval_iters * args.global_batch_size,
+        args.eval_iters * args.global_batch_size,
+    ]
+
+
+def tokens_per_iteration(args: argparse.Namespace) -> int:
+    return args.global_batch_size * args.seq_length
+
+
+__all__ = ["ConfigError", "build_parser", "parse_args", "validate_args", "parse_data_path", "dataset_sizes",
+           "load_config_file", "tokens_per_iteration"]

@@ -1,0 +1,277 @@
+"""Checkpoints in Megatron-LM's layout: ``iter_{iteration:07d}/`` and the tracker file
+``latest_checkpointed_iteration.txt``, which is replaced atomically only after every
+rank has finished writing, so "latest" never names a partial checkpoint.
+
+GPU: one ``megatron.core.dist_checkpointing`` checkpoint per iteration (loadable under
+another TP/PP layout). CPU: one ``mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt`` per
+model-parallel rank, each written to a temporary file and renamed.
+
+Each checkpoint stores the iteration, consumed samples, skipped-step count, scheduler,
+RNG states, the arguments and the method configs; a method mismatch on resume is an
+error naming the flag unless ``--override-checkpoint-methods``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+
+from megatron_ext import prores
+
+logger = logging.getLogger(__name__)
+
+TRACKER = "latest_checkpointed_iteration.txt"
+CPU_FILE = "model_optim_rng.pt"
+METHOD_FLAGS = {"prores": "--prores/--prores-schedule/--prores-warmup",
+                "wesar": "--wesar and its --wesar-* options",
+                "normformer": "--normformer and its --normformer-* options"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be loaded into this run."""
+
+
+@dataclass
+class TrainingState:
+    """The loop's counters, saved and restored with the model."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    skipped_iterations: int = 0
+
+
+def checkpoint_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def read_tracker(root: str) -> Optional[int]:
+    """The latest complete iteration under ``root``, or None."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        text = f.read().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text!r}")
+    return int(text)
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    tmp = os.path.join(root, f".{TRACKER}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+
+
+def _cpu_rank_file(root: str, iteration: int) -> str:
+    tp = parallel_state.get_tensor_model_parallel_rank()
+    pp = parallel_state.get_pipeline_model_parallel_rank()
+    return os.path.join(checkpoint_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}", CPU_FILE)
+
+
+def rng_state(use_cuda: bool) -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
+    if use_cuda:
+        from megatron.core import tensor_parallel
+
+        state["cuda"] = torch.cuda.get_rng_state()
+        state["tracker"] = tensor_parallel.get_cuda_rng_tracker().get_states()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], use_cuda: bool) -> None:
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if use_cuda:
+        from megatron.core import tensor_parallel
+
+        torch.cuda.set_rng_state(state["cuda"])
+        tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _common_state(args: argparse.Namespace, state: TrainingState, methods: dict) -> dict[str, Any]:
+    return {
+        "iteration": state.iteration,
+        "consumed_train_samples": state.consumed_train_samples,
+        "skipped_iterations": state.skipped_iterations,
+        "args": {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str, list))},
+        "methods": methods,
+        "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size},
+    }
+
+
+def _all_ranks_ok(ok: bool) -> bool:
+    if not dist.is_initialized():
+        return ok
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
+                        device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def save_checkpoint(root: str, state: TrainingState, engine, model_chunks: list[torch.nn.Module],
+                    args: argparse.Namespace, methods: dict) -> str:
+    """Write ``iter_XXXXXXX`` on every rank, then (rank 0) point the tracker at it."""
+    directory = checkpoint_dir(root, state.iteration)
+    common = _common_state(args, state, methods)
+    error: Optional[BaseException] = None
+    try:
+        if args.use_cuda:
+            _save_distributed(directory, common, engine, model_chunks)
+        elif parallel_state.get_data_parallel_rank() == 0:
+            _save_cpu_rank(_cpu_rank_file(root, state.iteration), common, engine, model_chunks)
+    except Exception as exc:  # noqa: BLE001 - re-raised below after the ranks agree
+        error = exc
+    if not _all_ranks_ok(error is None):
+        raise CheckpointError(f"saving {directory} failed; the tracker still names the previous checkpoint") from error
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        _write_tracker(root, state.iteration)
+    if dist.is_initialized():
+        dist.barrier()
+    logger.info("saved checkpoint at iteration %d to %s", state.iteration, directory)
+    return directory
+
+
+def _save_cpu_rank(path: str, common: dict, engine, model_chunks: list[torch.nn.Module]) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    payload = dict(common, model=[c.state_dict() for c in model_chunks], optimizer=engine.optimizer.state_dict(),
+                   opt_param_scheduler=engine.scheduler.state_dict(), rng=rng_state(False))
+    tmp = path + ".tmp"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    if len(model_chunks) == 1:
+        return {"model": model_chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+
+
+def _rng_sharded_object(use_cuda: bool):
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
+    shape = (parallel_state.get_pipeline_model_parallel_world_size(),
+             parallel_state.get_tensor_model_parallel_world_size())
+    return ShardedObject("rng_state", rng_state(use_cuda), shape, (pp, tp),
+                         replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
+
+
+def _sharded_state_dict(common: dict, engine, model_chunks, is_loading: bool) -> dict[str, Any]:
+    sharded = dict(common)
+    sharded.update(_model_sharded_state_dict(model_chunks))
+    sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=is_loading)
+    sharded["opt_param_scheduler"] = engine.scheduler.state_dict()
+    sharded["rng_state"] = _rng_sharded_object(True)
+    return sharded
+
+
+def _save_distributed(directory: str, common: dict, engine, model_chunks) -> None:
+    from megatron.core import dist_checkpointing
+
+    if dist.get_rank() == 0:
+        os.makedirs(directory, exist_ok=True)
+    dist.barrier()
+    dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks, is_loading=False), directory)
+
+
+def check_methods(saved: Optional[dict], current: dict, override: bool) -> None:
+    """Raise CheckpointError naming the flags whose method settings differ."""
+    if saved is None:
+        return
+    diffs = [name for name in METHOD_FLAGS if saved.get(name) != current.get(name)]
+    if diffs and not override:
+        details = "; ".join(f"{METHOD_FLAGS[n]}: checkpoint {saved.get(n)}, this run {current.get(n)}" for n in diffs)
+        raise CheckpointError(f"method settings differ from the checkpoint ({details}); "
+                              "pass --override-checkpoint-methods to load it anyway")
+    if diffs:
+        logger.warning("loading a checkpoint with other method settings (%s): --override-checkpoint-methods",
+                       ", ".join(diffs))
+
+
+def load_checkpoint(root: str, engine, model_chunks: list[torch.nn.Module], args: argparse.Namespace,
+                    methods: dict) -> Optional[TrainingState]:
+    """Restore the latest checkpoint under ``root``; None when there is none.
+
+    ``--finetune`` and ``--no-load-optim`` load the model only; ``--finetune`` also
+    restarts the iteration and data counters at 0.
+    """
+    iteration = read_tracker(root)
+    if iteration is None:
+        logger.warning("no checkpoint under --load %s (no %s); starting from scratch", root, TRACKER)
+        return None
+    directory = checkpoint_dir(root, iteration)
+    if args.override_checkpoint_methods:
+        prores.allow_checkpoint_mismatch(model_chunks)
+    if args.use_cuda:
+        state = _load_distributed(directory, engine, model_chunks, args, methods)
+    else:
+        state = _load_cpu(root, iteration, engine, model_chunks, args, methods)
+    if args.finetune:
+        state = TrainingState()
+    logger.info("resumed from checkpoint %s at iteration %d", directory, iteration)
+    return state
+
+
+def _restore(common: dict, engine, args: argparse.Namespace) -> TrainingState:
+    model_only = args.finetune or args.no_load_optim
+    if not model_only:
+        engine.scheduler.load_state_dict(common["opt_param_scheduler"])
+    return TrainingState(common["iteration"], common["consumed_train_samples"], common["skipped_iterations"])
+
+
+def _load_cpu(root: str, iteration: int, engine, model_chunks, args, methods) -> TrainingState:
+    path = _cpu_rank_file(root, iteration)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: the CPU path loads checkpoints of the same tensor-parallel "
+                              f"layout (this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    check_methods(payload.get("methods"), methods, args.override_checkpoint_methods)
+    for chunk, state in zip(model_chunks, payload["model"]):
+        chunk.load_state_dict(state)
+    if not (args.finetune or args.no_load_optim):
+        engine.optimizer.load_state_dict(payload["optimizer"])
+    if not (args.finetune or args.no_load_rng):
+        set_rng_state(payload["rng"], False)
+    return _restore(payload, engine, args)
+
+
+def _load_distributed(directory: str, engine, model_chunks, args, methods) -> TrainingState:
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(directory)
+    check_methods(common.get("methods"), methods, args.override_checkpoint_methods)
+    same_layout = common.get("layout") == {"tp": args.tensor_model_parallel_size,
+                                           "pp": args.pipeline_model_parallel_size}
+    template = _model_sharded_state_dict(model_chunks)
+    load_optim = not (args.finetune or args.no_load_optim)
+    if load_optim:
+        template["optimizer"] = engine.optimizer.sharded_state_dict(dict(template), is_loading=True)
+    load_rng = same_layout and not (args.finetune or args.no_load_rng)
+    if load_rng:
+        template["rng_state"] = _rng_sharded_object(True)
+    loaded = dist_checkpointing.load(template, directory)
+    if len(model_chunks) == 1:
+        model_chunks[0].load_state_dict(loaded["model"])
+    else:
+        for i, chunk in enumerate(model_chunks):
+            chunk.load_state_dict(loaded[f"model{i}"])
+    if load_optim:
+        engine.optimizer.load_state_dict(loaded["optimizer"])
+    if load_rng:
+        set_rng_state(loaded["rng_state"], True)
+    elif not same_layout:
+        logger.warning("checkpoint layout %s differs from this run's; RNG states not restored", common.get("layout"))
+    return _restore(common, engine, args)

@@ -1,0 +1,101 @@
+"""Validated arguments -> megatron-core and megatron-ext config objects."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import asdict
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.distributed import DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_ext.extensions import ExtensionConfig
+from megatron_ext.normformer import NormFormerConfig
+from megatron_ext.prores import ProResConfig
+from megatron_ext.wesar import WeSaRConfig
+
+
+def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+
+
+def transformer_config(args: argparse.Namespace) -> TransformerConfig:
+    """The model shape, parallel layout and precision as a megatron-core config."""
+    dtype = params_dtype(args)
+    return TransformerConfig(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        init_method_std=args.init_method_std,
+        attention_dropout=args.attention_dropout,
+        hidden_dropout=args.hidden_dropout,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        add_bias_linear=not args.disable_bias_linear,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
+        num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
+        sequence_parallel=args.sequence_parallel,
+        use_cpu_initialization=bool(args.use_cpu_initialization),
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        deallocate_pipeline_outputs=args.use_cuda,
+    )
+
+
+def extension_config(args: argparse.Namespace) -> ExtensionConfig:
+    """Which methods are on, with their options."""
+    prores = wesar = normformer = None
+    if args.prores:
+        prores = ProResConfig(schedule=args.prores_schedule, warmup=args.prores_warmup)
+    if args.wesar:
+        wesar = WeSaRConfig(
+            std=args.wesar_std, backbone=args.wesar_backbone, gate_weight_decay=args.wesar_gate_weight_decay,
+            gate_lr_mult=args.wesar_gate_lr_mult, exclude_gates_from_clip=bool(args.wesar_exclude_gates_from_clip),
+        )
+    if args.normformer:
+        normformer = NormFormerConfig(
+            head_scale=not args.normformer_no_head_scale,
+            post_attention_norm=not args.normformer_no_post_attention_norm,
+            ffn_norm=not args.normformer_no_ffn_norm,
+            residual_scale=bool(args.normformer_residual_scale),
+        )
+    return ExtensionConfig(prores=prores, wesar=wesar, normformer=normformer)
+
+
+def optimizer_config(args: argparse.Namespace) -> OptimizerConfig:
+    """megatron-core's Adam(W) configuration (decoupled weight decay, as Megatron-LM)."""
+    return OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+        clip_grad=args.clip_grad, bf16=args.bf16, fp16=args.fp16, params_dtype=params_dtype(args),
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        overlap_param_gather=args.overlap_param_gather,
+    )
+
+
+def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
+    """megatron-core DDP: fp32 grad reduction for half precision, as Megatron-LM does by default."""
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.bf16 or args.fp16,
+        overlap_grad_reduce=args.overlap_grad_reduce,
+        overlap_param_gather=args.overlap_param_gather,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+    )
+
+
+def method_settings(extensions: ExtensionConfig) -> dict[str, Optional[dict]]:
+    """The method configs as plain dicts, stored with each checkpoint."""
+    return {name: None if getattr(extensions, name) is None else asdict(getattr(extensions, name))
+            for name in ("prores", "wesar", "normformer")}

@@ -1,0 +1,165 @@
+"""One training step on the GPU path: megatron-core's production engine.
+
+Model chunks in ``Float16Module`` (bf16/fp16) and megatron-core's
+``DistributedDataParallel``; ``get_megatron_optimizer`` (distributed optimizer when asked,
+WeSaR's parameter-group overrides); ``OptimizerParamScheduler``;
+``get_forward_backward_func`` (no pipelining, 1F1B or interleaved); and
+``finalize_model_grads`` for the DP / sequence-parallel / embedding reductions. A step
+whose loss or grad norm is not finite is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+from megatron.core.transformer.module import Float16Module, param_is_not_shared
+
+from megatron_ext import wesar
+from megatron_ext.extensions import ExtensionConfig
+from megatron_ext.training.configs import ddp_config, optimizer_config
+from megatron_ext.training.forward import forward_step
+from megatron_ext.training.metrics import per_layer_grad_norms
+from megatron_ext.training.optimization import StepResult, build_scheduler, current_lr
+
+
+def wrap_model_chunks(args: argparse.Namespace, model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Move to the GPU, cast for half precision and wrap in megatron-core's DDP."""
+    config = model_chunks[0].config
+    wrapped = []
+    for index, chunk in enumerate(model_chunks):
+        chunk.cuda(torch.cuda.current_device())
+        if args.bf16 or args.fp16:
+            chunk = Float16Module(config, chunk)
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config(args), module=chunk,
+                                               disable_bucketing=index > 0))
+    return wrapped
+
+
+def _broadcast_from_last_stage(value: float) -> float:
+    tensor = torch.tensor([value], dtype=torch.float32, device="cuda")
+    dist.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
+                   group=parallel_state.get_pipeline_model_parallel_group())
+    return float(tensor.item())
+
+
+class GpuEngine:
+    """megatron-core's optimizer, scheduler and schedules around DDP-wrapped model chunks."""
+
+    def __init__(self, args: argparse.Namespace, model_chunks: list[torch.nn.Module], extensions: ExtensionConfig):
+        self.args = args
+        self.extensions = extensions
+        self.model_chunks = wrap_model_chunks(args, model_chunks)
+        overrides = None
+        if extensions.wesar is not None:
+            overrides = wesar.optimizer_overrides(extensions.wesar, args.weight_decay, lr=args.lr, min_lr=args.min_lr)
+        # Leaving WeSaR gates out of the clip: the engine clips the DDP gradients itself
+        # (megatron's optimizer clips every parameter) and megatron's clip is switched off.
+        self.clip_outside_optimizer = extensions.wesar is not None and extensions.wesar.exclude_gates_from_clip
+        opt_config = optimizer_config(args)
+        if self.clip_outside_optimizer:
+            opt_config.clip_grad = 0.0
+        self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks, config_overrides=overrides)
+        self.scheduler = build_scheduler(args, self.optimizer)
+        self.forward_backward = get_forward_backward_func()
+        config = self.model_chunks[0].config
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in self.model_chunks]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if args.overlap_grad_reduce:
+            grad_sync = [chunk.start_grad_sync for chunk in self.model_chunks]
+            config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
+        if args.overlap_param_gather:
+            param_sync = [chunk.start_param_sync for chunk in self.model_chunks]
+            config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+
+    def _iterators(self, data_iterator: Iterator) -> Iterator | list[Iterator]:
+        # Interleaved schedules take one iterator per chunk; every chunk draws from the
+        # same stream in the order the schedule asks for micro batches.
+        return data_iterator if len(self.model_chunks) == 1 else [data_iterator] * len(self.model_chunks)
+
+    def _run(self, data_iterator: Iterator, forward_only: bool) -> float:
+        losses = self.forward_backward(
+            forward_step_func=forward_step, data_iterator=self._iterators(data_iterator),
+            model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
+            num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
+            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
+        )
+        loss = float("nan")
+        if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+            loss = float(torch.stack([item["lm loss"] for item in losses]).mean())
+        return _broadcast_from_last_stage(loss)
+
+    def _clip_model_grads(self) -> float:
+        """Global grad norm of the clipped parameters' DDP gradients, then clip them.
+
+        Used when WeSaR gates are left out of the clip (not with the distributed
+        optimizer, whose reduced gradients are sharded; arguments reject that). The
+        norm is unscaled by the fp16 loss scale.
+        """
+        params = [p for chunk in self.model_chunks for p in chunk.parameters() if p.requires_grad]
+        params = wesar.clip_parameters(params, self.extensions.wesar)
+        squares = torch.zeros((), dtype=torch.float32, device="cuda")
+        for p in params:
+            if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
+                squares += p.main_grad.float().pow(2).sum()
+        dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
+        scale = float(self.optimizer.get_loss_scale())
+        norm = float(squares.sqrt()) / scale
+        coefficient = self.args.clip_grad / (norm + 1e-6)
+        if math.isfinite(norm) and coefficient < 1.0:
+            for p in params:
+                p.main_grad.mul_(coefficient)
+        return norm
+
+    def train_step(self, data_iterator: Iterator, layer_norms: bool = False) -> StepResult:
+        """Forward/backward (pipelined), then an optimizer update unless non-finite."""
+        for chunk in self.model_chunks:
+            chunk.train()
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        lm_loss = self._run(data_iterator, forward_only=False)
+        wesar.allreduce_tied_gate_grads(self.model_chunks)
+        lr = current_lr(self.optimizer)
+        clipped_norm = self._clip_model_grads() if self.clip_outside_optimizer else None
+        layers = {}
+        if layer_norms and not self.args.use_distributed_optimizer:
+            layers = per_layer_grad_norms(self.model_chunks)
+        found_inf = self.optimizer.prepare_grads()
+        if found_inf or not math.isfinite(lm_loss):
+            return StepResult(lm_loss, float("nan"), True, lr, layers)
+        if clipped_norm is not None:
+            grad_norm = clipped_norm
+        elif self.args.clip_grad > 0:
+            grad_norm = float(self.optimizer.clip_grad_norm(self.args.clip_grad))
+        else:
+            grad_norm = float(self.optimizer.get_grad_norm())
+        if not math.isfinite(grad_norm):
+            return StepResult(lm_loss, grad_norm, True, lr, layers)
+        if not self.optimizer.step_with_ready_grads():
+            return StepResult(lm_loss, grad_norm, True, lr, layers)
+        self.scheduler.step(1)
+        return StepResult(lm_loss, grad_norm, False, lr, layers)
+
+    @torch.no_grad()
+    def evaluate(self, data_iterator: Iterator, num_batches: int) -> float:
+        """Mean lm loss over ``num_batches`` global batches (forward-only schedule)."""
+        for chunk in self.model_chunks:
+            chunk.eval()
+        losses = [self._run(data_iterator, forward_only=True) for _ in range(num_batches)]
+        for chunk in self.model_chunks:
+            chunk.train()
+        return sum(losses) / len(losses)
+
+    @property
+    def completed_updates(self) -> int:
+        return self.scheduler.num_steps

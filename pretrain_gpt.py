@@ -1,0 +1,86 @@
+#!/usr/bin/env python
+"""Pretrain a GPT with megatron-core and the megatron-ext methods (ProRes, WeSaR, NormFormer).
+
+    python pretrain_gpt.py --config examples/tiny_cpu.yaml                 # one process
+    torchrun --nproc_per_node 8 pretrain_gpt.py --config my.yaml ...      # torchrun
+    srun python pretrain_gpt.py --config my.yaml ...                      # SLURM
+
+See docs/TRAINING.md for the flags, the outputs and the exit codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import warnings
+from typing import Optional, Sequence
+
+# megatron-core warns on import about optional GPU packages; the CPU path never needs them.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine|Apex) (and Apex )?(is|are) not installed.*")
+
+import torch  # noqa: E402
+
+from megatron_ext.training.arguments import ConfigError, parse_args, validate_args  # noqa: E402
+from megatron_ext.training.checkpointing import CheckpointError, TrainingState, load_checkpoint  # noqa: E402
+from megatron_ext.training.distributed import (  # noqa: E402
+    detect_environment,
+    init_process_group,
+    initialize_model_parallel,
+    shutdown,
+)
+
+logger = logging.getLogger("megatron_ext.pretrain_gpt")
+EXIT_CONFIG_ERROR = 2
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Parse, build, train; returns the exit code (see megatron_ext.training.loop)."""
+    args = parse_args(argv)
+    env = detect_environment()
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    try:
+        validate_args(args, env.world_size, use_cuda)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+
+    from megatron_ext.data.tokenizers import build_tokenizer
+    from megatron_ext.training import setup
+    from megatron_ext.training.configs import extension_config, method_settings
+    from megatron_ext.training.loop import Trainer
+    from megatron_ext.training.metrics import GpuMonitor, MetricsWriter, model_flops_per_iteration
+
+    setup.configure_logging(env.rank)
+    created = init_process_group(env, use_cuda)
+    try:
+        initialize_model_parallel(args, use_cuda)
+        logger.info(setup.describe_parallelism(args, env.world_size))
+        device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+        extensions = extension_config(args)
+        methods = method_settings(extensions)
+        logger.info("methods: %s", ", ".join(extensions.enabled) or "none (baseline)")
+        engine = setup.build_engine(args, setup.build_model_chunks(args, extensions, tokenizer.vocab_size), extensions)
+        state = TrainingState()
+        if args.load:
+            try:
+                state = load_checkpoint(args.load, engine, engine.model_chunks, args, methods) or state
+            except CheckpointError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return EXIT_CONFIG_ERROR
+        train_batches, valid_batches = setup.build_data_streams(args, tokenizer, state.consumed_train_samples, device)
+        trainer = Trainer(
+            args, engine, state, MetricsWriter(args, env.rank), train_batches, valid_batches, methods,
+            model_flops_per_iteration(args, tokenizer.vocab_size), device,
+            GpuMonitor(env.local_rank) if use_cuda else None,
+        )
+        try:
+            return trainer.train()
+        finally:
+            trainer.writer.close()
+    finally:
+        shutdown(created)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""pretrain_gpt.py's command line: rejected configurations, YAML merge, launcher environments."""
+
+from __future__ import annotations
+
+import pytest
+from driver_utils import byte_dataset, tiny_flags  # noqa: F401
+
+import pretrain_gpt
+from megatron_ext.training.arguments import ConfigError, parse_args, validate_args
+from megatron_ext.training.distributed import detect_environment, expand_nodelist
+
+REJECTED = [
+    # (overrides, world size, cuda, words the message must contain)
+    (dict(num_layers=3, pipeline_model_parallel_size=2), 2, True, ["--num-layers 3", "--pipeline-model-parallel-size 2"]),
+    (dict(num_layers=8, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), 2, True,
+     ["--num-layers-per-virtual-pipeline-stage 3"]),
+    (dict(num_layers=5, pipeline_model_parallel_size=3, decoder_first_pipeline_num_layers=2), 3, True,
+     ["--decoder-first/last-pipeline-num-layers"]),
+    (dict(num_attention_heads=6, hidden_size=48, tensor_model_parallel_size=4), 4, True,
+     ["--num-attention-heads 6", "--tensor-model-parallel-size 4"]),
+    (dict(num_query_groups=2, tensor_model_parallel_size=4), 4, True, ["--num-query-groups 2", "--tensor-model-parallel-size 4"]),
+    (dict(global_batch_size=6, micro_batch_size=4), 1, False, ["--global-batch-size 6", "--micro-batch-size 4"]),
+    (dict(global_batch_size=12, micro_batch_size=4), 2, False, ["data-parallel size 2"]),
+    (dict(seq_length=64, max_position_embeddings=32), 1, False, ["--seq-length 64", "--max-position-embeddings 32"]),
+    (dict(tokenizer_type="SentencePieceTokenizer"), 1, False, ["--tokenizer-model"]),
+    (dict(tokenizer_type="SentencePieceTokenizer", tokenizer_model="/nonexistent/tok.model"), 1, False, ["/nonexistent/tok.model"]),
+    (dict(data_path="/nonexistent/prefix"), 1, False, ["--data-path", "/nonexistent/prefix.bin"]),
+    (dict(pipeline_model_parallel_size=2), 2, False, ["--pipeline-model-parallel-size > 1", "GPU path only"]),
+    (dict(bf16=True), 1, False, ["--bf16", "GPU path only"]),
+    (dict(prores_warmup=0, prores=True), 1, False, ["--prores-warmup"]),
+    (dict(prores_schedule="equal"), 1, False, ["--prores-schedule", "without --prores"]),
+    (dict(normformer_no_ffn_norm=True), 1, False, ["--normformer-no-ffn-norm", "without --normformer"]),
+    (dict(sequence_parallel=True), 1, True, ["--sequence-parallel", "--tensor-model-parallel-size"]),
+    (dict(sequence_parallel=True, tensor_model_parallel_size=2), 2, False, ["--sequence-parallel", "GPU path only"]),
+    (dict(world=3), 3, False, ["world size 3"]),
+    (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
+    (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
+    (dict(num_layers=None), 1, False, ["--num-layers"]),
+]
+
+
+@pytest.mark.parametrize("overrides,world,cuda,words", REJECTED)
+def test_rejected_configuration_names_the_flags(byte_dataset, overrides, world, cuda, words):
+    overrides = dict(overrides)
+    if overrides.pop("world", None) == 3:
+        overrides.update(tensor_model_parallel_size=2)
+    args = parse_args(tiny_flags(byte_dataset, **overrides))
+    with pytest.raises(ConfigError) as info:
+        validate_args(args, world, cuda)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_main_reports_a_config_error_before_any_compute(byte_dataset, capsys, monkeypatch):
+    import megatron_ext.training.distributed as distributed
+
+    def no_world(*a, **k):
+        raise AssertionError("process group created before validation")
+
+    monkeypatch.setattr(distributed, "init_process_group", no_world)
+    code = pretrain_gpt.main(tiny_flags(byte_dataset, global_batch_size=6))
+    assert code == pretrain_gpt.EXIT_CONFIG_ERROR
+    assert "--global-batch-size 6" in capsys.readouterr().err
+
+
+def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset):
+    config = tmp_path / "run.yaml"
+    config.write_text(f"num-layers: 4\nhidden_size: 64\nprores: true\nprores-schedule: equal\ndata-path: {byte_dataset}\n")
+    args = parse_args(["--config", str(config), "--num-layers", "2"])
+    assert (args.num_layers, args.hidden_size, args.prores, args.prores_schedule) == (2, 64, True, "equal")
+    assert args.data_path == [byte_dataset]
+
+
+@pytest.mark.parametrize("text,message", [("nonsense-flag: 3\n", "unknown flag"), ("prores: 3\n", "true or false"),
+                                          ("prores-schedule: cosine\n", "must be one of")])
+def test_yaml_config_errors(tmp_path, text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        parse_args(["--config", str(config)])
+
+
+def test_help_groups_flags_and_shows_defaults(capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    out = capsys.readouterr().out
+    for heading in ("model:", "parallelism:", "training:", "data:", "checkpoints:", "logging:", "NormFormer:"):
+        assert heading in out
+    assert "(default: 1234)" in out  # --seed
+
+
+def test_slurm_environment_without_torchrun_variables():
+    env = detect_environment({"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1",
+                              "SLURM_JOB_NODELIST": "gpu[07-08,11]", "SLURM_JOB_ID": "123456"})
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.launcher) == (5, 8, 1, "gpu07", "slurm")
+    assert env.master_port == 20000 + 123456 % 20000
+    torchrun = detect_environment({"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h",
+                                   "MASTER_PORT": "1234", "SLURM_PROCID": "0", "SLURM_NTASKS": "1"})
+    assert (torchrun.rank, torchrun.world_size, torchrun.master_port, torchrun.launcher) == (1, 2, 1234, "torchrun")
+    assert detect_environment({}).world_size == 1
+
+
+def test_expand_nodelist():
+    assert expand_nodelist("node[01-03,07],login1,a[9-10]") == ["node01", "node02", "node03", "node07", "login1", "a9", "a10"]
+    assert expand_nodelist("single") == ["single"]

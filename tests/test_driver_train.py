@@ -1,0 +1,109 @@
+"""End-to-end tiny CPU runs of pretrain_gpt.main (world size 1, in process)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+from driver_utils import METHOD_FLAGS, byte_dataset, read_metrics, tiny_flags, train_losses, val_losses  # noqa: F401
+
+import pretrain_gpt
+from megatron_ext.training import checkpointing, forward
+from megatron_ext.training.checkpointing import TRACKER, CheckpointError, read_tracker
+from megatron_ext.training.loop import EXIT_NONFINITE, SpikeDetector
+
+
+@pytest.mark.parametrize("methods", [[], ["--prores", "--prores-warmup", "3"], ["--wesar"], ["--normformer"], METHOD_FLAGS],
+                         ids=["baseline", "prores", "wesar", "normformer", "all"])
+def test_loss_falls(tmp_path, byte_dataset, methods):
+    argv = tiny_flags(byte_dataset, save=tmp_path, eval_interval=6) + methods
+    assert pretrain_gpt.main(argv) == 0
+    losses = train_losses(tmp_path)
+    assert sorted(losses) == list(range(1, 13))
+    assert sum(losses[i] for i in (10, 11, 12)) / 3 < losses[1] - 0.3
+    val = val_losses(tmp_path)
+    assert len(val) == 3 and val[2] < val[1] < val[0]  # iterations 0, 6, 12
+    assert read_tracker(tmp_path) == 12
+    assert os.path.isfile(tmp_path / "iter_0000012" / "mp_rank_00_000" / "model_optim_rng.pt")
+
+
+def test_resume_continues_exactly(tmp_path, byte_dataset):
+    common = dict(lr_decay_iters=12, eval_iters=0)
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=whole, **common) + METHOD_FLAGS) == 0
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=split, train_iters=6, **common) + METHOD_FLAGS) == 0
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=split, load=split, **common) + METHOD_FLAGS) == 0
+    a, b = train_losses(whole), train_losses(split)
+    assert sorted(b) == list(range(1, 13))
+    for it in range(1, 13):
+        assert b[it] == pytest.approx(a[it], rel=1e-6, abs=0), it
+    alphas = [r["prores_alpha/layer_002"] for r in read_metrics(split) if "prores_alpha/layer_002" in r]
+    assert alphas == [r["prores_alpha/layer_002"] for r in read_metrics(whole) if "prores_alpha/layer_002" in r]
+
+
+def test_resume_with_other_methods_is_an_error_unless_overridden(tmp_path, byte_dataset, capsys):
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path, train_iters=2, lr_decay_iters=12, eval_iters=0) + METHOD_FLAGS) == 0
+    other = ["--prores", "--prores-warmup", "5", "--wesar", "--normformer"]
+    argv = tiny_flags(byte_dataset, load=tmp_path, train_iters=3, lr_decay_iters=12, eval_iters=0) + other
+    assert pretrain_gpt.main(argv) == pretrain_gpt.EXIT_CONFIG_ERROR
+    assert "--prores/--prores-schedule/--prores-warmup" in capsys.readouterr().err
+    assert pretrain_gpt.main(argv + ["--override-checkpoint-methods"]) == 0
+
+
+def test_crash_during_save_never_moves_the_tracker(tmp_path, byte_dataset, monkeypatch):
+    real_save = checkpointing._save_cpu_rank
+    calls = []
+
+    def crash_on_second_save(path, *args):
+        calls.append(path)
+        if len(calls) == 2:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path + ".tmp", "wb") as f:
+                f.write(b"partial")
+            raise OSError("disk full (simulated)")
+        real_save(path, *args)
+
+    monkeypatch.setattr(checkpointing, "_save_cpu_rank", crash_on_second_save)
+    argv = tiny_flags(byte_dataset, save=tmp_path, train_iters=8, save_interval=4, eval_iters=0)
+    with pytest.raises(CheckpointError, match="tracker still names the previous checkpoint"):
+        pretrain_gpt.main(argv)
+    assert read_tracker(tmp_path) == 4
+    assert not any(name.startswith(f".{TRACKER}") and name != TRACKER for name in os.listdir(tmp_path))
+    monkeypatch.setattr(checkpointing, "_save_cpu_rank", real_save)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, load=tmp_path, save=tmp_path, train_iters=6, eval_iters=0)) == 0
+    assert read_tracker(tmp_path) == 6
+    assert read_metrics(tmp_path)[-1]["iteration"] == 6
+
+
+def test_nonfinite_steps_are_skipped_and_the_run_stops(tmp_path, byte_dataset, monkeypatch):
+    real_loss = forward.masked_mean_loss
+    calls = []
+
+    def poisoned(loss_mask, output):  # one micro batch per step: call n is iteration n
+        calls.append(1)
+        loss, reported = real_loss(loss_mask, output)
+        if len(calls) == 3 or len(calls) >= 6:
+            return loss * float("nan"), {"lm loss": reported["lm loss"] * float("nan")}
+        return loss, reported
+
+    monkeypatch.setattr(forward, "masked_mean_loss", poisoned)
+    argv = tiny_flags(byte_dataset, save=tmp_path, eval_iters=0, max_consecutive_skips=3)
+    assert pretrain_gpt.main(argv) == EXIT_NONFINITE
+    records = read_metrics(tmp_path)
+    skipped = [r["iteration"] for r in records if r.get("event") == "skipped_step"]
+    assert skipped == [3, 6, 7, 8]
+    logged = {r["iteration"]: r for r in records if "event" not in r and "lm_loss" in r}
+    assert logged[5]["skipped_iterations"] == 1 and math.isfinite(logged[5]["lm_loss"])
+    assert read_tracker(tmp_path) is None  # a diverged run saves nothing
+
+
+def test_spike_detector_flags_only_outliers():
+    detector = SpikeDetector(window=20, num_std=5.0)
+    g = torch.Generator().manual_seed(0)
+    normal = (5.0 + 0.01 * torch.randn(30, generator=g)).tolist()
+    assert all(detector.update(x) is None for x in normal)
+    spike = detector.update(6.0)
+    assert spike is not None and spike[0] == pytest.approx(5.0, abs=0.02)
+    assert detector.update(5.0) is None
