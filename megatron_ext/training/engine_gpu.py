@@ -11,6 +11,7 @@ whose loss or grad norm is not finite is skipped.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 from typing import Iterator
 
@@ -22,6 +23,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
+from megatron.core.utils import get_attr_wrapped_model
 
 from megatron_ext import wesar
 from megatron_ext.extensions import ExtensionConfig
@@ -83,9 +85,21 @@ class GpuEngine:
             config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
 
     def _iterators(self, data_iterator: Iterator) -> Iterator | list[Iterator]:
-        # Interleaved schedules take one iterator per chunk; every chunk draws from the
-        # same stream in the order the schedule asks for micro batches.
-        return data_iterator if len(self.model_chunks) == 1 else [data_iterator] * len(self.model_chunks)
+        """One iterator per chunk for the interleaved schedule.
+
+        Only a chunk that is the model's first stage (tokens) or last stage (labels)
+        draws micro batches from the stream; every other virtual stage gets ``None``
+        and takes its input from the previous stage. With one drawing chunk per rank
+        the stream advances exactly once per micro batch.
+        """
+        if len(self.model_chunks) == 1:
+            return data_iterator
+        return [
+            data_iterator
+            if get_attr_wrapped_model(chunk, "pre_process") or get_attr_wrapped_model(chunk, "post_process")
+            else itertools.repeat(None)
+            for chunk in self.model_chunks
+        ]
 
     def _run(self, data_iterator: Iterator, forward_only: bool) -> float:
         losses = self.forward_backward(

@@ -1,0 +1,198 @@
+"""tools/estimate_memory.py: exact parameter counts against built models, the memory laws, the example layouts."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from model_utils import LLAMA_LIKE, SEQ, VOCAB, build, tiny_config
+from mp_utils import run_distributed
+
+from megatron_ext import ExtensionConfig, ProResConfig
+from megatron_ext.normformer import NormFormerConfig
+from megatron_ext.wesar import WeSaRConfig
+from megatron_ext.parallel import initialize_cpu_parallel
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "examples" / "configs").glob("*/*.yaml"))
+
+
+def _load_estimate_memory():
+    """Import tools/estimate_memory.py (tools/ is not a package; dataclasses need sys.modules)."""
+    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "tools" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+em = _load_estimate_memory()
+
+GIB = 1024**3
+
+# name: (TransformerConfig overrides, untied output layer, position embedding, extensions)
+CASES = {
+    "gpt": ({}, False, "learned_absolute", ExtensionConfig()),
+    "llama-like": (LLAMA_LIKE, True, "rope", ExtensionConfig()),
+    "gpt+normformer": ({}, False, "learned_absolute", ExtensionConfig(normformer=NormFormerConfig(residual_scale=True))),
+    "gpt+wesar": ({}, False, "learned_absolute", ExtensionConfig(wesar=WeSaRConfig())),
+    "llama-like+all": (LLAMA_LIKE, True, "rope", ExtensionConfig(
+        prores=ProResConfig(warmup=5), wesar=WeSaRConfig(), normformer=NormFormerConfig())),
+}
+UNTIED = [name for name, case in CASES.items() if case[1]]  # CPU pipeline stages need untied embeddings
+
+
+def shape_of(case: str) -> "em.ModelShape":
+    """The ModelShape describing what ``build_case(case)`` builds."""
+    overrides, untie, position, extensions = CASES[case]
+    config = tiny_config(**overrides)
+    normformer = extensions.normformer
+    return em.ModelShape(
+        num_layers=config.num_layers, hidden_size=config.hidden_size, num_attention_heads=config.num_attention_heads,
+        seq_length=SEQ, vocab_size=VOCAB, make_vocab_size_divisible_by=1, ffn_hidden_size=config.ffn_hidden_size,
+        num_query_groups=config.num_query_groups, swiglu=config.gated_linear_unit,
+        normalization=config.normalization, add_bias_linear=config.add_bias_linear,
+        position_embedding_type=position, untie_embeddings_and_output_weights=untie,
+        wesar=extensions.wesar is not None,
+        normformer_head_scale=bool(normformer and normformer.head_scale),
+        normformer_post_attention_norm=bool(normformer and normformer.post_attention_norm),
+        normformer_ffn_norm=bool(normformer and normformer.ffn_norm),
+        normformer_residual_scale=bool(normformer and normformer.residual_scale),
+    )
+
+
+def build_case(case: str, **kwargs) -> torch.nn.Module:
+    overrides, untie, position, extensions = CASES[case]
+    return build(
+        tiny_config(**overrides), extensions,
+        share_embeddings_and_output_weights=not untie, position_embedding_type=position, **kwargs,
+    )
+
+
+def count(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("case", CASES)
+def test_parameter_count_equals_built_model(case):
+    model = build_case(case)
+    shape = shape_of(case)
+    assert em.total_parameters(shape) == count(model)
+    assert em.stage_parameters(shape, em.Layout()) == [count(model)]
+
+
+def _count_per_rank(rank: int, world: int) -> dict:
+    """Per-rank parameter counts at TP=2 (every case) and PP=2 (untied cases)."""
+    counts = {}
+    initialize_cpu_parallel(2, 1)
+    for case in CASES:
+        counts[("tp", case)] = count(build_case(case))
+    initialize_cpu_parallel(1, 2)
+    for case in UNTIED:
+        counts[("pp", case)] = count(build_case(case, pre_process=rank == 0, post_process=rank == 1))
+    return counts
+
+
+def test_parameter_count_per_gpu_under_tensor_and_pipeline_parallelism():
+    ranks = run_distributed(_count_per_rank, 2)
+    for case in CASES:
+        (tp_count,) = em.stage_parameters(shape_of(case), em.Layout(tensor_model_parallel_size=2, num_gpus=2))
+        assert ranks[0][("tp", case)] == ranks[1][("tp", case)] == tp_count, case
+    for case in UNTIED:
+        stages = em.stage_parameters(shape_of(case), em.Layout(pipeline_model_parallel_size=2, num_gpus=2))
+        assert [ranks[0][("pp", case)], ranks[1][("pp", case)]] == stages, case
+
+
+GPT_13B = em.ModelShape(num_layers=40, hidden_size=5120, num_attention_heads=40, seq_length=2048, vocab_size=50257)
+
+
+def test_tensor_parallelism_halves_the_matrices_and_keeps_replicated_parameters():
+    one, two = (em.stage_parameters(GPT_13B, em.Layout(tensor_model_parallel_size=t, num_gpus=t))[0] for t in (1, 2))
+    replicated = GPT_13B.num_layers * (4 * 5120 + 2 * 5120) + 2048 * 5120 + 2 * 5120  # norms, row biases, positions
+    assert two == (one - replicated) // 2 + replicated
+    assert 0.5 < two / one < 0.51
+
+
+def test_distributed_optimizer_divides_only_optimizer_state_by_data_parallel_size():
+    plain = em.estimate(GPT_13B, em.Layout(tensor_model_parallel_size=8, num_gpus=64))
+    sharded = em.estimate(GPT_13B, em.Layout(tensor_model_parallel_size=8, num_gpus=64, use_distributed_optimizer=True))
+    assert sharded.optimizer == pytest.approx(plain.optimizer / 8)
+    assert (sharded.weights, sharded.gradients) == (plain.weights, plain.gradients)
+    assert plain.optimizer == 12 * plain.parameters_per_gpu and plain.weights == 2 * plain.parameters_per_gpu
+
+
+def test_activations_follow_korthikanti_closed_forms():
+    s, b, h, a = 2048, 2, 5120, 40
+    for t in (1, 2, 8):
+        base = dict(tensor_model_parallel_size=t, num_gpus=t, micro_batch_size=b, flash_attention=False)
+        tp_only = em.layer_activation_bytes(GPT_13B, em.Layout(**base))
+        assert tp_only == pytest.approx(s * b * h * (10 + 24 / t + 5 * a * s / (h * t)))
+        if t > 1:
+            sp = em.layer_activation_bytes(GPT_13B, em.Layout(**base, sequence_parallel=True))
+            assert sp == pytest.approx(s * b * h / t * (34 + 5 * a * s / h))
+    fused = em.layer_activation_bytes(GPT_13B, em.Layout(micro_batch_size=b))
+    assert fused == pytest.approx(34 * s * b * h)
+
+
+def test_pipeline_first_stage_holds_p_microbatches_and_interleaving_adds_korthikanti_factor():
+    p, v = 4, 2
+    layout = em.Layout(pipeline_model_parallel_size=p, num_gpus=p, global_batch_size=64)
+    assert em.inflight_layer_microbatches(GPT_13B, layout) == GPT_13B.num_layers  # p stages' worth of L/p layers
+    interleaved = dataclasses.replace(layout, num_layers_per_virtual_pipeline_stage=GPT_13B.num_layers // (p * v))
+    assert em.inflight_layer_microbatches(GPT_13B, interleaved) == pytest.approx(
+        GPT_13B.num_layers * (1 + (p - 1) / (p * v))
+    )
+    few = dataclasses.replace(layout, global_batch_size=2)  # only 2 micro-batches exist
+    assert em.inflight_layer_microbatches(GPT_13B, few) == 2 * GPT_13B.num_layers // p
+
+
+def test_example_configs_cover_every_size_and_method():
+    names = {(path.parent.name, path.stem) for path in CONFIGS}
+    sizes = ("gpt-125m", "gpt-350m", "gpt-1.3b", "gpt-13b")
+    variants = ("baseline", "prores", "wesar", "normformer", "all")
+    assert names == {(size, variant) for size in sizes for variant in variants}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_example_layout_fits_an_80gb_gpu_on_one_node(config):
+    args = em.parse_args(["--config", str(config), "--num-gpus", "8"])
+    model, layout = em.from_args(args)
+    result = em.estimate(model, layout)
+    assert result.peak < 0.85 * 80e9, f"{config}: {result.peak / GIB:.1f} GiB"
+    size = config.parent.name.removeprefix("gpt-")
+    expected = {"125m": 125e6, "350m": 350e6, "1.3b": 1.3e9, "13b": 13e9}[size]
+    assert 0.85 < result.total_parameters / expected < 1.15
+
+
+def test_cli_reads_a_config_and_flags_override_it(tmp_path):
+    config = tmp_path / "model.yaml"
+    config.write_text("num-layers: 12\nhidden-size: 768\nnum-attention-heads: 12\nseq-length: 2048\nlr: 6.0e-4\n")
+    run = lambda *flags: subprocess.run(  # noqa: E731
+        [sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--config", str(config), *flags],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    out = run("--bf16").stdout
+    assert "125,262,336" in out and "2 B/param" in out
+    deeper = em.ModelShape(num_layers=24, hidden_size=768, num_attention_heads=12, seq_length=2048, vocab_size=50257)
+    assert f"{em.total_parameters(deeper):,d}" in run("--num-layers", "24").stdout
+    bad = run("--tensor-model-parallel-size", "3", "--num-gpus", "8")
+    assert bad.returncode != 0 and "--num-gpus 8 must be a multiple" in bad.stderr
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, tmp_path):
+    from megatron_ext.training.arguments import parse_args, validate_args
+
+    prefix = tmp_path / "corpus"
+    for ext in (".bin", ".idx"):
+        prefix.with_suffix(ext).touch()  # validate_args checks that the files exist, nothing more
+    args = parse_args(["--config", str(config), "--data-path", str(prefix), "--tokenizer-type", "ByteLevelTokenizer",
+                      "--save", str(tmp_path / "checkpoints")])
+    validate_args(args, world_size=8, use_cuda=True)
+    assert args.data_parallel_size == 8 // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
