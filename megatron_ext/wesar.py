@@ -479,6 +479,20 @@ def _rescale_to_base_std(weight: torch.Tensor, init_std: float, config: Transfor
         weight.mul_(cfg.std / init_std)
 
 
+def _mark_tied_gate(gate: torch.nn.Parameter, last_stage_copy: bool) -> None:
+    """Tag the gate of a tied embedding whose matrix lives on the first and the last stage.
+
+    Like megatron-core's tied embedding weight: ``shared_embedding`` gives it a bucket of
+    its own under the distributed optimizer, so both stages shard it the same way and
+    :func:`allreduce_tied_gate_grads` may sum it after the data-parallel reduce-scatter;
+    the last stage's copy is ``shared`` so the gradient norm counts it once.
+    """
+    gate.wesar_tied_embedding = True
+    gate.shared_embedding = True
+    if last_stage_copy:
+        gate.shared = True
+
+
 def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig) -> None:
     """Gate the word embedding (``cfg.embedding``) and the output layer of a built GPTModel.
 
@@ -503,7 +517,7 @@ def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig)
         )
         WeSaRVocabParallelEmbedding.gate_in_place(word, embedding_gates)
         if tied and pipelined:
-            embedding_gates.embedding.wesar_tied_embedding = True
+            _mark_tied_gate(embedding_gates.embedding, last_stage_copy=False)
     if not model.post_process:
         return
     output = model.output_layer
@@ -514,7 +528,7 @@ def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig)
             _rescale_to_base_std(output.weight, embedding_std, config, cfg)
             gates = WeSaRGates.create({"embedding": embedding_std / cfg.std}, output.weight.device,
                                       reduce_grad=True, tp_group=tp_group)
-            gates.embedding.wesar_tied_embedding = True
+            _mark_tied_gate(gates.embedding, last_stage_copy=True)
     elif not tied and cfg.output_layer:
         _rescale_to_base_std(output.weight, _normal_std(config.init_method, "init_method"), config, cfg)
         gates = WeSaRGates.create(_gate_values(["lm_head"], config, cfg), output.weight.device,

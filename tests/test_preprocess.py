@@ -415,20 +415,19 @@ def _tool_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
+def _preprocess_command(source: Path, output_prefix: Path, *options: str) -> list[str]:
+    """tools/preprocess_data.py as a subprocess command line."""
+    return [
+        sys.executable, str(REPO / "tools" / "preprocess_data.py"),
+        "--input", str(source), "--output-prefix", str(output_prefix), *options,
+    ]
+
+
 def test_cli_exit_code_and_message(tmp_path):
     source = tmp_path / "bad.jsonl"
     source.write_bytes(b'{"text": "ok"}\n{"text": \n')
     proc = subprocess.run(
-        [
-            sys.executable,
-            str(REPO / "tools" / "preprocess_data.py"),
-            "--input",
-            str(source),
-            "--output-prefix",
-            str(tmp_path / "out" / "x"),
-            "--tokenizer-type",
-            "ByteLevelTokenizer",
-        ],
+        _preprocess_command(source, tmp_path / "out" / "x", "--tokenizer-type", "ByteLevelTokenizer"),
         capture_output=True,
         text=True,
         env=_tool_env(),
@@ -445,20 +444,10 @@ def test_interrupt_leaves_no_output(tmp_path, sp_model, workers, signum):
     write_sample_corpus(source, repeat=60)  # ~28 MB: far longer to tokenize than the test waits
     out_dir = tmp_path / "out"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(REPO / "tools" / "preprocess_data.py"),
-            "--input",
-            str(source),
-            "--output-prefix",
-            str(out_dir / "x"),
-            "--tokenizer-type",
-            "SentencePieceTokenizer",
-            "--tokenizer-model",
-            sp_model,
-            "--workers",
-            str(workers),
-        ],
+        _preprocess_command(
+            source, out_dir / "x", "--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", sp_model,
+            "--workers", str(workers),
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

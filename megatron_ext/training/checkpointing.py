@@ -154,9 +154,31 @@ def _save_cpu_rank(path: str, common: dict, engine, model_chunks: list[torch.nn.
 
 
 def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    """The GPT chunks' sharded state, keyed as Megatron-LM does ("decoder.layers...").
+
+    The chunks are unwrapped first: megatron-core's DDP does not forward
+    ``sharded_state_dict`` to its module, so it would prefix every key with "module."
+    while its ``load_state_dict`` expects the unprefixed keys.
+    """
+    from megatron.core.utils import unwrap_model
+
+    chunks = unwrap_model(list(model_chunks))
+    if len(chunks) == 1:
+        return {"model": chunks[0].sharded_state_dict()}
+    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(chunks)}
+
+
+def _gather_params(model_chunks: list[torch.nn.Module]) -> None:
+    """Finish the distributed optimizer's deferred parameter all-gather.
+
+    With ``--overlap-param-gather`` the updated parameters reach the other data-parallel
+    ranks only in the next forward pass; a checkpoint written before it would hold the
+    previous step's weights outside this rank's shard.
+    """
+    for chunk in model_chunks:
+        ddp_config = getattr(chunk, "ddp_config", None)
+        if ddp_config is not None and ddp_config.overlap_param_gather:
+            chunk.start_param_sync(force_sync=True)
 
 
 def _rng_sharded_object(use_cuda: bool):
@@ -181,9 +203,15 @@ def _sharded_state_dict(common: dict, engine, model_chunks, is_loading: bool) ->
 def _save_distributed(directory: str, common: dict, engine, model_chunks) -> None:
     from megatron.core import dist_checkpointing
 
+    created = True
     if dist.get_rank() == 0:
-        os.makedirs(directory, exist_ok=True)
-    dist.barrier()
+        try:
+            os.makedirs(directory, exist_ok=True)
+        except OSError:
+            created = False
+    if not _all_ranks_ok(created):  # every rank must reach dist_checkpointing.save's collectives
+        raise CheckpointError(f"cannot create the checkpoint directory {directory}")
+    _gather_params(model_chunks)
     dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks, is_loading=False), directory)
 
 
@@ -270,6 +298,10 @@ def _load_distributed(directory: str, engine, model_chunks, args, methods) -> Tr
             chunk.load_state_dict(loaded[f"model{i}"])
     if load_optim:
         engine.optimizer.load_state_dict(loaded["optimizer"])
+    else:
+        # bf16/fp16: the optimizer's fp32 main parameters still hold the initial weights
+        # and its next step would copy them back over the loaded ones (Megatron-LM does this too).
+        engine.optimizer.reload_model_params()
     if load_rng:
         set_rng_state(loaded["rng_state"], True)
     elif not same_layout:

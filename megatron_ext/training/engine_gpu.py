@@ -23,7 +23,7 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.utils import get_attr_wrapped_model, unwrap_model
 
 from megatron_ext import wesar
 from megatron_ext.extensions import ExtensionConfig
@@ -80,9 +80,9 @@ class GpuEngine:
         if args.overlap_grad_reduce:
             grad_sync = [chunk.start_grad_sync for chunk in self.model_chunks]
             config.grad_sync_func = grad_sync[0] if len(grad_sync) == 1 else grad_sync
-        if args.overlap_param_gather:
-            param_sync = [chunk.start_param_sync for chunk in self.model_chunks]
-            config.param_sync_func = param_sync[0] if len(param_sync) == 1 else param_sync
+        # --overlap-param-gather: DDP's forward pre-hooks gather the parameters. A
+        # config.param_sync_func belongs with DDP's align_param_gather (Megatron-LM's
+        # --align-param-gather), which this driver does not offer.
 
     def _iterators(self, data_iterator: Iterator) -> Iterator | list[Iterator]:
         """One iterator per chunk for the interleaved schedule.
@@ -147,7 +147,7 @@ class GpuEngine:
         clipped_norm = self._clip_model_grads() if self.clip_outside_optimizer else None
         layers = {}
         if layer_norms and not self.args.use_distributed_optimizer:
-            layers = per_layer_grad_norms(self.model_chunks)
+            layers = per_layer_grad_norms(unwrap_model(self.model_chunks))
         found_inf = self.optimizer.prepare_grads()
         if found_inf or not math.isfinite(lm_loss):
             return StepResult(lm_loss, float("nan"), True, lr, layers)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_ext import prores, wesar
@@ -124,8 +125,7 @@ def method_scalars(model_chunks: list[torch.nn.Module]) -> dict[str, float]:
     stage = f"stage{pp_rank}/" if parallel_state.get_pipeline_model_parallel_world_size() > 1 else ""
     for index, chunk in enumerate(model_chunks):
         chunk_prefix = f"chunk{index}/" if len(model_chunks) > 1 else ""
-        module = getattr(chunk, "module", chunk)
-        for name, gate in wesar.gate_parameters(module).items():
+        for name, gate in wesar.gate_parameters(unwrap_model(chunk)).items():
             local[f"wesar_gate/{stage}{chunk_prefix}{name}"] = float(gate.detach().float().reshape(-1)[0])
     if parallel_state.get_pipeline_model_parallel_world_size() == 1:
         return local
