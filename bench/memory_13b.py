@@ -1,0 +1,205 @@
+#!/usr/bin/env python
+"""Peak GPU memory of the 13B layer shape on one GPU, against tools/estimate_memory.py.
+
+    python bench/memory_13b.py --output memory_13b.json                    # one GPU, bf16
+    python bench/memory_13b.py --device cpu --tiny --output /tmp/m.json    # CPU smoke test
+
+The 13B decoder layer (hidden 5120, 40 heads, FFN 20480, sequence 2048, GPT-2 vocabulary,
+tied embeddings) is trained for ``--iterations`` driver iterations (bf16, megatron-core
+DDP and Adam, TP = PP = DP = 1, no recomputation) with ``--layers`` layers, and the peak
+of ``torch.cuda.max_memory_allocated`` is recorded. A least-squares line through the
+points gives the measured bytes per layer ``b`` and the fixed part ``a``; the largest
+layer count that fits the GPU (``a + b L`` under ``--fill`` of its memory) is then run to
+confirm it. Each point is set beside ``tools/estimate_memory.py``'s peak for the same run.
+
+Extrapolation to the layouts in ``--configs`` (default: examples/configs/gpt-13b): the
+estimator's model state (weights, gradients, optimizer; exact counts) plus its
+activations scaled by the measured ratio
+``r = (b - estimated state per layer) / estimated activations per layer``, plus the
+measured unmodelled constant ``a - estimated fixed part``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import logging
+import math
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+
+from megatron_ext.training.distributed import shutdown  # noqa: E402
+from megatron_ext.training.setup import padded_vocab_size  # noqa: E402
+
+logger = logging.getLogger("bench.memory_13b")
+REPO = Path(__file__).resolve().parents[1]
+GIB = 2**30
+LAYER_13B = harness.Shape("13b-layer", 1, 5120, 40, 2048, micro_batch_size=2, ffn_hidden_size=20480)
+LAYER_TINY = harness.Shape("tiny-layer", 1, 64, 4, 32, micro_batch_size=2, ffn_hidden_size=256)
+
+
+def load_estimator():
+    """tools/estimate_memory.py as a module (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "tools" / "estimate_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def estimator_model(em, shape: harness.Shape, num_layers: int, variant: str):
+    flags = harness.METHOD_FLAGS[variant]
+    normformer = "--normformer" in flags
+    return em.ModelShape(
+        num_layers=num_layers, hidden_size=shape.hidden_size, num_attention_heads=shape.num_attention_heads,
+        seq_length=shape.seq_length, vocab_size=harness.GPT2_VOCAB_SIZE, ffn_hidden_size=shape.ffn_hidden_size,
+        wesar="--wesar" in flags, normformer_head_scale=normformer, normformer_post_attention_norm=normformer,
+        normformer_ffn_norm=normformer,
+    )
+
+
+def measure(shape: harness.Shape, num_layers: int, variant: str, data: Path, device: str, iterations: int) -> dict:
+    """Peak allocated / reserved bytes of ``iterations`` driver iterations (None on the CPU)."""
+    flags = harness.Shape(**{**vars(shape), "num_layers": num_layers}).flags()
+    args = harness.driver_args(flags + ["--train-iters", str(iterations)] + list(harness.METHOD_FLAGS[variant]),
+                               data, device)
+    engine, batches = harness.build_run(args, padded_vocab_size(harness.GPT2_VOCAB_SIZE, args.make_vocab_size_divisible_by))
+    losses = [harness.train_iteration(engine, batches).loss for _ in range(iterations)]
+    cuda = args.use_cuda
+    point = {
+        "layers": num_layers, "last_loss": losses[-1],
+        "peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
+        "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
+    }
+    del engine, batches
+    harness.free_memory()
+    if cuda:
+        point["allocated_after_release"] = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    return point
+
+
+def try_measure(*args) -> Optional[dict]:
+    """:func:`measure`, or None when the GPU runs out of memory."""
+    try:
+        return measure(*args)
+    except torch.OutOfMemoryError:
+        logger.info("out of memory with %d layers", args[1])
+    harness.free_memory()
+    torch.cuda.reset_peak_memory_stats()
+    return None
+
+
+def fit_line(points: list[dict]) -> tuple[float, float]:
+    """Least-squares ``peak = a + b * layers`` -> (a, b)."""
+    b, a = np.polyfit([p["layers"] for p in points], [p["peak_allocated"] for p in points], 1)
+    return float(a), float(b)
+
+
+def correction(em, shape: harness.Shape, variant: str, points: list[dict]) -> dict:
+    """The measured line against the estimator's for the same runs (bytes)."""
+    layout = em.Layout(micro_batch_size=shape.micro_batch_size, precision="bf16")
+    for p in points:
+        p["estimated_peak"] = em.estimate(estimator_model(em, shape, p["layers"], variant), layout).peak
+    one, two = (em.estimate(estimator_model(em, shape, n, variant), layout) for n in (1, 2))
+    est_per_layer = two.peak - one.peak
+    state_per_layer = (two.weights + two.gradients + two.optimizer) - (one.weights + one.gradients + one.optimizer)
+    a, b = fit_line(points)
+    return {
+        "measured_per_layer_gib": b / GIB, "measured_fixed_gib": a / GIB,
+        "estimated_per_layer_gib": est_per_layer / GIB, "estimated_fixed_gib": (one.peak - est_per_layer) / GIB,
+        "activation_ratio": (b - state_per_layer) / one.activations_per_layer,
+        "unmodelled_constant_gib": (a - (one.peak - est_per_layer)) / GIB,
+    }
+
+
+def extrapolate(em, corrections: dict[str, dict], configs: list[Path], num_gpus: int) -> dict:
+    """Each 13B layout's estimated and corrected peak; a config named like a measured
+    variant (``all.yaml``) takes that variant's correction, the others the baseline's."""
+    layouts = {}
+    for path in configs:
+        source = path.stem if path.stem in corrections else "baseline"
+        if source not in corrections:
+            continue
+        c = corrections[source]
+        model, layout = em.from_args(em.parse_args(["--config", str(path), "--num-gpus", str(num_gpus)]))
+        est = em.estimate(model, layout)
+        state = est.weights + est.gradients + est.optimizer
+        corrected = state + c["activation_ratio"] * est.activations + c["unmodelled_constant_gib"] * GIB
+        layouts[path.name] = {
+            "layout": f"TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "
+                      f"DP={layout.data_parallel_size} micro-batch {layout.micro_batch_size} on {num_gpus} GPUs",
+            "estimated_peak_gib": est.peak / GIB, "extrapolated_peak_gib": corrected / GIB, "correction_from": source,
+        }
+    return layouts
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="a toy layer shape (CPU smoke test)")
+    parser.add_argument("--variants", nargs="+", choices=tuple(harness.METHOD_FLAGS), default=["baseline", "all"])
+    parser.add_argument("--layers", nargs="+", type=int, default=[1, 2, 4], help="layer counts for the fit")
+    parser.add_argument("--micro-batch-size", type=int, default=2, help="the 13B examples' micro batch")
+    parser.add_argument("--iterations", type=int, default=2, help="iterations per point (Adam state appears in the first)")
+    parser.add_argument("--fill", type=float, default=0.95, help="fraction of GPU memory the largest run may fill")
+    parser.add_argument("--configs", nargs="*", type=Path,
+                        default=sorted((REPO / "examples" / "configs" / "gpt-13b").glob("*.yaml")))
+    parser.add_argument("--num-gpus", type=int, default=16, help="world size for the extrapolated layouts")
+    parser.add_argument("--output", type=Path, required=True, help="JSON file of the results")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    shape = harness.Shape(**{**vars(LAYER_TINY if args.tiny else LAYER_13B), "micro_batch_size": args.micro_batch_size})
+    if len(set(args.layers)) < 2 or min(args.layers) < 1:
+        raise SystemExit("--layers needs at least two distinct counts >= 1")
+    em = load_estimator()
+    report: dict = {"shape": vars(shape), "iterations": args.iterations, "variants": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = harness.write_synthetic_dataset(Path(tmp) / "tokens", harness.GPT2_VOCAB_SIZE, 16, 2 * shape.seq_length)
+        world_args = harness.driver_args(shape.flags() + ["--train-iters", "1"], data, args.device)
+        created = harness.init_world(world_args)
+        try:
+            if world_args.use_cuda:
+                report["device"] = torch.cuda.get_device_name(0)
+                report["device_memory_gib"] = torch.cuda.mem_get_info()[1] / GIB
+            for variant in args.variants:
+                points = [measure(shape, n, variant, data, args.device, args.iterations) for n in sorted(set(args.layers))]
+                entry: dict = {"points": points}
+                if world_args.use_cuda:
+                    a, b = fit_line(points)
+                    fits = math.floor((args.fill * torch.cuda.mem_get_info()[1] - a) / b)
+                    largest = None
+                    for n in range(fits, max(fits - 3, max(args.layers)), -1):
+                        largest = try_measure(shape, n, variant, data, args.device, args.iterations)
+                        if largest is not None:
+                            points.append(largest)
+                            break
+                    entry["max_layers_fitting"] = largest["layers"] if largest else None
+                    entry.update(correction(em, shape, variant, points))
+                report["variants"][variant] = entry
+                logger.info("%s: %s", variant, json.dumps({k: v for k, v in entry.items() if k != "points"}))
+            corrections = {v: e for v, e in report["variants"].items() if "activation_ratio" in e}
+            report["layouts_13b"] = extrapolate(em, corrections, args.configs, args.num_gpus)
+        finally:
+            shutdown(created)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
