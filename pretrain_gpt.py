@@ -69,15 +69,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"error: {exc}", file=sys.stderr)
                 return EXIT_CONFIG_ERROR
         train_batches, valid_batches = setup.build_data_streams(args, tokenizer, state.consumed_train_samples, device)
-        trainer = Trainer(
-            args, engine, state, MetricsWriter(args, env.rank), train_batches, valid_batches, methods,
-            model_flops_per_iteration(args, tokenizer.vocab_size), device,
-            GpuMonitor(env.local_rank) if use_cuda else None,
-        )
+        writer = MetricsWriter(args, env.rank)
         try:
+            trainer = Trainer(
+                args, engine, state, writer, train_batches, valid_batches, methods,
+                model_flops_per_iteration(args, tokenizer.vocab_size), device,
+                GpuMonitor() if use_cuda else None,
+            )
             return trainer.train()
         finally:
-            trainer.writer.close()
+            writer.close()
     finally:
         shutdown(created)
 

@@ -13,6 +13,7 @@ import pretrain_gpt
 from megatron_ext.training import checkpointing, forward
 from megatron_ext.training.checkpointing import TRACKER, CheckpointError, read_tracker
 from megatron_ext.training.loop import EXIT_NONFINITE, SpikeDetector
+from megatron_ext.training.optimization import clip_grads_by_total_norm
 
 
 @pytest.mark.parametrize("methods", [[], ["--prores", "--prores-warmup", "3"], ["--wesar"], ["--normformer"], METHOD_FLAGS],
@@ -27,6 +28,26 @@ def test_loss_falls(tmp_path, byte_dataset, methods):
     assert len(val) == 3 and val[2] < val[1] < val[0]  # iterations 0, 6, 12
     assert read_tracker(tmp_path) == 12
     assert os.path.isfile(tmp_path / "iter_0000012" / "mp_rank_00_000" / "model_optim_rng.pt")
+
+
+def test_logged_lr_is_the_lr_each_update_used(tmp_path, byte_dataset):
+    """Iteration i's update is the scheduler's step i - 1: warmup from 0, then linear decay.
+
+    The base schedule is logged, not the WeSaR gates' (``--wesar-gate-lr-mult``).
+    """
+    peak, warmup, iters = 3e-3, 2, 6
+    argv = tiny_flags(byte_dataset, save=tmp_path, train_iters=iters, lr=peak, lr_warmup_iters=warmup, eval_iters=0)
+    assert pretrain_gpt.main(argv + ["--wesar", "--wesar-gate-lr-mult", "0.5"]) == 0
+
+    def scheduled(steps: int) -> float:
+        if steps <= warmup:
+            return peak * steps / warmup
+        return peak * (1 - (steps - warmup) / (iters - warmup))
+
+    logged = {r["iteration"]: r["lr"] for r in read_metrics(tmp_path) if "lr" in r}
+    assert sorted(logged) == list(range(1, iters + 1))
+    for it, lr in logged.items():
+        assert lr == pytest.approx(scheduled(it - 1), rel=1e-12, abs=1e-15), it
 
 
 def test_resume_continues_exactly(tmp_path, byte_dataset):
@@ -107,3 +128,13 @@ def test_spike_detector_flags_only_outliers():
     spike = detector.update(6.0)
     assert spike is not None and spike[0] == pytest.approx(5.0, abs=0.02)
     assert detector.update(5.0) is None
+
+
+def test_clip_scales_to_max_norm_unless_disabled_or_not_needed():
+    grads = [torch.full((3,), 3.0), torch.full((4,), 4.0)]
+    clip_grads_by_total_norm(grads, 2.0, float(torch.cat(grads).norm()))
+    assert float(torch.cat(grads).norm()) == pytest.approx(2.0, rel=1e-5)
+    for max_norm, total_norm in ((0.0, 5.0), (10.0, 5.0), (1.0, float("inf")), (1.0, float("nan"))):
+        kept = [torch.full((3,), 3.0)]
+        clip_grads_by_total_norm(kept, max_norm, total_norm)
+        assert kept[0].tolist() == [3.0, 3.0, 3.0], (max_norm, total_norm)

@@ -41,6 +41,7 @@ class ConfigError(ValueError):
 
 
 def _flag(dest: str) -> str:
+    """``num_layers`` -> ``--num-layers``."""
     return "--" + dest.replace("_", "-")
 
 
@@ -168,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
+    """A YAML value as argparse would have parsed it for ``action``; ConfigError if it cannot be."""
     if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
@@ -229,12 +231,14 @@ def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], Optional[list[
 
 
 def _require(args: argparse.Namespace, *dests: str) -> None:
+    """ConfigError naming every flag of ``dests`` that was not given."""
     missing = [_flag(d) for d in dests if getattr(args, d) is None]
     if missing:
         raise ConfigError(f"missing required flag(s): {', '.join(missing)}")
 
 
 def _fill_method_defaults(args: argparse.Namespace) -> None:
+    """Reject a method sub-flag given without its method, then fill the sub-flags' defaults."""
     for method, defaults in METHOD_SUBFLAG_DEFAULTS.items():
         given = [d for d in defaults if getattr(args, d) is not None]
         if given and not getattr(args, method):
@@ -245,6 +249,7 @@ def _fill_method_defaults(args: argparse.Namespace) -> None:
 
 
 def _check_pipeline_layers(args: argparse.Namespace) -> None:
+    """The layer split over pipeline stages (first/last stage sizes, virtual stages) is exact."""
     L, pp = args.num_layers, args.pipeline_model_parallel_size
     first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
     if (first is not None or last is not None) and pp == 1:
@@ -279,6 +284,7 @@ def _check_pipeline_layers(args: argparse.Namespace) -> None:
 
 
 def _check_data_files(args: argparse.Namespace) -> None:
+    """The .bin/.idx files and the tokenizer model exist, and ``--split`` suits ``--eval-iters``."""
     prefixes, _ = parse_data_path(args.data_path)
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
@@ -303,8 +309,8 @@ def _check_data_files(args: argparse.Namespace) -> None:
 def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> None:
     """Check every cross-flag constraint and fill derived defaults, in place.
 
-    Sets ``data_parallel_size``, ``num_microbatches``, ``use_cuda`` and the derived
-    defaults (FFN width, query groups, global batch, decay iterations, method sub-flags).
+    Sets ``data_parallel_size``, ``num_microbatches``, ``virtual_pipeline_model_parallel_size``,
+    ``use_cuda`` and the derived defaults (FFN width, query groups, global batch, decay iterations, method sub-flags).
     """
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters", "lr",
              "data_path", "tokenizer_type")
@@ -343,6 +349,8 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _check_pipeline_layers(args)
+    vp_layers = args.num_layers_per_virtual_pipeline_stage
+    args.virtual_pipeline_model_parallel_size = None if vp_layers is None else args.num_layers // pp // vp_layers
 
     if world_size % (tp * pp):
         raise ConfigError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
@@ -400,6 +408,7 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
 
 
 def _check_cpu_path(args: argparse.Namespace) -> None:
+    """Reject GPU-only flags on the CPU path; CPU initialisation defaults on there."""
     gpu_only = [flag for flag, on in (
         ("--pipeline-model-parallel-size > 1", args.pipeline_model_parallel_size > 1),
         ("--use-distributed-optimizer", args.use_distributed_optimizer),
@@ -430,9 +439,11 @@ def dataset_sizes(args: argparse.Namespace) -> list[int]:
     ]
 
 
-def tokens_per_iteration(args: argparse.Namespace) -> int:
-    return args.global_batch_size * args.seq_length
+def serializable_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The arguments with plain values (None, bool, number, string, list), as stored in
+    checkpoints and sent to wandb."""
+    return {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str, list))}
 
 
 __all__ = ["ConfigError", "build_parser", "parse_args", "validate_args", "parse_data_path", "dataset_sizes",
-           "load_config_file", "tokens_per_iteration"]
+           "load_config_file", "serializable_args"]

@@ -24,8 +24,11 @@ import numpy
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.utils import unwrap_model
 
 from megatron_ext import prores
+from megatron_ext.training.arguments import serializable_args
+from megatron_ext.training.optimization import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +53,7 @@ class TrainingState:
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
+    """``root/iter_{iteration:07d}``, Megatron-LM's directory of one checkpoint."""
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
@@ -66,6 +70,7 @@ def read_tracker(root: str) -> Optional[int]:
 
 
 def _write_tracker(root: str, iteration: int) -> None:
+    """Point the tracker at ``iteration`` atomically (temporary file, fsync, rename)."""
     tmp = os.path.join(root, f".{TRACKER}.tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(f"{iteration}\n")
@@ -75,12 +80,14 @@ def _write_tracker(root: str, iteration: int) -> None:
 
 
 def _cpu_rank_file(root: str, iteration: int) -> str:
+    """This model-parallel rank's CPU checkpoint file."""
     tp = parallel_state.get_tensor_model_parallel_rank()
     pp = parallel_state.get_pipeline_model_parallel_rank()
     return os.path.join(checkpoint_dir(root, iteration), f"mp_rank_{tp:02d}_{pp:03d}", CPU_FILE)
 
 
 def rng_state(use_cuda: bool) -> dict[str, Any]:
+    """Python, numpy and torch RNG states; with ``use_cuda`` also CUDA's and megatron's tracker."""
     state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
     if use_cuda:
         from megatron.core import tensor_parallel
@@ -91,6 +98,7 @@ def rng_state(use_cuda: bool) -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any], use_cuda: bool) -> None:
+    """Restore what :func:`rng_state` returned."""
     random.setstate(state["python"])
     numpy.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -102,17 +110,19 @@ def set_rng_state(state: dict[str, Any], use_cuda: bool) -> None:
 
 
 def _common_state(args: argparse.Namespace, state: TrainingState, methods: dict) -> dict[str, Any]:
+    """What every rank stores alike: counters, arguments, method configs, TP/PP layout."""
     return {
         "iteration": state.iteration,
         "consumed_train_samples": state.consumed_train_samples,
         "skipped_iterations": state.skipped_iterations,
-        "args": {k: v for k, v in vars(args).items() if v is None or isinstance(v, (bool, int, float, str, list))},
+        "args": serializable_args(args),
         "methods": methods,
         "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size},
     }
 
 
 def _all_ranks_ok(ok: bool) -> bool:
+    """Whether ``ok`` holds on every rank (a MIN all-reduce)."""
     if not dist.is_initialized():
         return ok
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32,
@@ -121,7 +131,7 @@ def _all_ranks_ok(ok: bool) -> bool:
     return bool(flag.item())
 
 
-def save_checkpoint(root: str, state: TrainingState, engine, model_chunks: list[torch.nn.Module],
+def save_checkpoint(root: str, state: TrainingState, engine: Engine, model_chunks: list[torch.nn.Module],
                     args: argparse.Namespace, methods: dict) -> str:
     """Write ``iter_XXXXXXX`` on every rank, then (rank 0) point the tracker at it."""
     directory = checkpoint_dir(root, state.iteration)
@@ -144,7 +154,8 @@ def save_checkpoint(root: str, state: TrainingState, engine, model_chunks: list[
     return directory
 
 
-def _save_cpu_rank(path: str, common: dict, engine, model_chunks: list[torch.nn.Module]) -> None:
+def _save_cpu_rank(path: str, common: dict, engine: Engine, model_chunks: list[torch.nn.Module]) -> None:
+    """This model-parallel rank's model, optimizer, scheduler and RNG, written atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = dict(common, model=[c.state_dict() for c in model_chunks], optimizer=engine.optimizer.state_dict(),
                    opt_param_scheduler=engine.scheduler.state_dict(), rng=rng_state(False))
@@ -160,8 +171,6 @@ def _model_sharded_state_dict(model_chunks: list[torch.nn.Module]) -> dict[str, 
     ``sharded_state_dict`` to its module, so it would prefix every key with "module."
     while its ``load_state_dict`` expects the unprefixed keys.
     """
-    from megatron.core.utils import unwrap_model
-
     chunks = unwrap_model(list(model_chunks))
     if len(chunks) == 1:
         return {"model": chunks[0].sharded_state_dict()}
@@ -181,26 +190,29 @@ def _gather_params(model_chunks: list[torch.nn.Module]) -> None:
             chunk.start_param_sync(force_sync=True)
 
 
-def _rng_sharded_object(use_cuda: bool):
+def _rng_sharded_object() -> Any:
+    """This rank's RNG states (CUDA's included), one object per (PP, TP) rank, replicated over DP."""
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
     pp, tp = parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank()
     shape = (parallel_state.get_pipeline_model_parallel_world_size(),
              parallel_state.get_tensor_model_parallel_world_size())
-    return ShardedObject("rng_state", rng_state(use_cuda), shape, (pp, tp),
+    return ShardedObject("rng_state", rng_state(True), shape, (pp, tp),
                          replica_id=parallel_state.get_data_parallel_rank(with_context_parallel=True))
 
 
-def _sharded_state_dict(common: dict, engine, model_chunks, is_loading: bool) -> dict[str, Any]:
+def _sharded_state_dict(common: dict, engine: Engine, model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """What ``dist_checkpointing.save`` writes: counters, model, optimizer, scheduler, RNG."""
     sharded = dict(common)
     sharded.update(_model_sharded_state_dict(model_chunks))
-    sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=is_loading)
+    sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=False)
     sharded["opt_param_scheduler"] = engine.scheduler.state_dict()
-    sharded["rng_state"] = _rng_sharded_object(True)
+    sharded["rng_state"] = _rng_sharded_object()
     return sharded
 
 
-def _save_distributed(directory: str, common: dict, engine, model_chunks) -> None:
+def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks: list[torch.nn.Module]) -> None:
+    """One ``dist_checkpointing`` checkpoint written by all ranks together."""
     from megatron.core import dist_checkpointing
 
     created = True
@@ -212,7 +224,7 @@ def _save_distributed(directory: str, common: dict, engine, model_chunks) -> Non
     if not _all_ranks_ok(created):  # every rank must reach dist_checkpointing.save's collectives
         raise CheckpointError(f"cannot create the checkpoint directory {directory}")
     _gather_params(model_chunks)
-    dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks, is_loading=False), directory)
+    dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks), directory)
 
 
 def check_methods(saved: Optional[dict], current: dict, override: bool) -> None:
@@ -229,7 +241,7 @@ def check_methods(saved: Optional[dict], current: dict, override: bool) -> None:
                        ", ".join(diffs))
 
 
-def load_checkpoint(root: str, engine, model_chunks: list[torch.nn.Module], args: argparse.Namespace,
+def load_checkpoint(root: str, engine: Engine, model_chunks: list[torch.nn.Module], args: argparse.Namespace,
                     methods: dict) -> Optional[TrainingState]:
     """Restore the latest checkpoint under ``root``; None when there is none.
 
@@ -253,30 +265,40 @@ def load_checkpoint(root: str, engine, model_chunks: list[torch.nn.Module], args
     return state
 
 
-def _restore(common: dict, engine, args: argparse.Namespace) -> TrainingState:
-    model_only = args.finetune or args.no_load_optim
-    if not model_only:
+def _loads_optimizer(args: argparse.Namespace) -> bool:
+    """Optimizer and scheduler states are restored unless ``--finetune`` or ``--no-load-optim``."""
+    return not (args.finetune or args.no_load_optim)
+
+
+def _restore(common: dict, engine: Engine, load_optim: bool) -> TrainingState:
+    """The scheduler state (with the optimizer's) and the loop's counters."""
+    if load_optim:
         engine.scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainingState(common["iteration"], common["consumed_train_samples"], common["skipped_iterations"])
 
 
-def _load_cpu(root: str, iteration: int, engine, model_chunks, args, methods) -> TrainingState:
+def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torch.nn.Module],
+              args: argparse.Namespace, methods: dict) -> TrainingState:
+    """This model-parallel rank's ``model_optim_rng.pt`` (same TP layout only)."""
     path = _cpu_rank_file(root, iteration)
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} not found: the CPU path loads checkpoints of the same tensor-parallel "
                               f"layout (this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
     payload = torch.load(path, map_location="cpu", weights_only=False)
     check_methods(payload.get("methods"), methods, args.override_checkpoint_methods)
-    for chunk, state in zip(model_chunks, payload["model"]):
+    for chunk, state in zip(model_chunks, payload["model"], strict=True):
         chunk.load_state_dict(state)
-    if not (args.finetune or args.no_load_optim):
+    load_optim = _loads_optimizer(args)
+    if load_optim:
         engine.optimizer.load_state_dict(payload["optimizer"])
     if not (args.finetune or args.no_load_rng):
         set_rng_state(payload["rng"], False)
-    return _restore(payload, engine, args)
+    return _restore(payload, engine, load_optim)
 
 
-def _load_distributed(directory: str, engine, model_chunks, args, methods) -> TrainingState:
+def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.nn.Module],
+                      args: argparse.Namespace, methods: dict) -> TrainingState:
+    """A ``dist_checkpointing`` checkpoint, resharded to this run's layout."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(directory)
@@ -284,12 +306,12 @@ def _load_distributed(directory: str, engine, model_chunks, args, methods) -> Tr
     same_layout = common.get("layout") == {"tp": args.tensor_model_parallel_size,
                                            "pp": args.pipeline_model_parallel_size}
     template = _model_sharded_state_dict(model_chunks)
-    load_optim = not (args.finetune or args.no_load_optim)
+    load_optim = _loads_optimizer(args)
     if load_optim:
         template["optimizer"] = engine.optimizer.sharded_state_dict(dict(template), is_loading=True)
     load_rng = same_layout and not (args.finetune or args.no_load_rng)
     if load_rng:
-        template["rng_state"] = _rng_sharded_object(True)
+        template["rng_state"] = _rng_sharded_object()
     loaded = dist_checkpointing.load(template, directory)
     if len(model_chunks) == 1:
         model_chunks[0].load_state_dict(loaded["model"])
@@ -306,4 +328,4 @@ def _load_distributed(directory: str, engine, model_chunks, args, methods) -> Tr
         set_rng_state(loaded["rng_state"], True)
     elif not same_layout:
         logger.warning("checkpoint layout %s differs from this run's; RNG states not restored", common.get("layout"))
-    return _restore(common, engine, args)
+    return _restore(common, engine, load_optim)

@@ -19,6 +19,7 @@ from megatron_ext.wesar import WeSaRConfig
 
 
 def params_dtype(args: argparse.Namespace) -> torch.dtype:
+    """bf16, fp16 or fp32 from ``--bf16`` / ``--fp16``."""
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
@@ -41,7 +42,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         add_bias_linear=not args.disable_bias_linear,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=getattr(args, "virtual_pipeline_model_parallel_size", None),
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         num_layers_in_first_pipeline_stage=args.decoder_first_pipeline_num_layers,
         num_layers_in_last_pipeline_stage=args.decoder_last_pipeline_num_layers,
         sequence_parallel=args.sequence_parallel,

@@ -7,7 +7,6 @@ other tensor-parallel ranks.
 from __future__ import annotations
 
 import argparse
-import logging
 from typing import Iterator, Optional
 
 import torch
@@ -18,8 +17,6 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
 from megatron_ext.data.tokenizers import Tokenizer
 from megatron_ext.training.arguments import dataset_sizes, parse_data_path
-
-logger = logging.getLogger(__name__)
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 Batch = dict[str, torch.Tensor]
@@ -70,11 +67,11 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer) -> list[Optio
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_reader, config).build()
 
 
-def sample_indices(consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int) -> range:
+def sample_indices(consumed_samples: int, micro_batch_size: int, dp_rank: int) -> range:
     """Dataset indices of this data-parallel rank's next micro batch (Megatron-LM's sampler).
 
-    The ``micro_batch_size * dp_size`` samples starting at ``consumed_samples`` form one
-    micro step; rank ``r`` takes the ``r``-th slice.
+    The ``micro_batch_size`` x data-parallel-size samples starting at ``consumed_samples``
+    form one micro step; rank ``r`` takes the ``r``-th slice.
     """
     start = consumed_samples + dp_rank * micro_batch_size
     return range(start, start + micro_batch_size)
@@ -103,7 +100,7 @@ class MicroBatches:
     def __next__(self) -> Optional[Batch]:
         batch = None
         if self.dataset is not None:
-            indices = sample_indices(self.consumed_samples, self.micro_batch_size, self.dp_rank, self.dp_size)
+            indices = sample_indices(self.consumed_samples, self.micro_batch_size, self.dp_rank)
             n = len(self.dataset)
             samples = [self.dataset[i % n] for i in indices]
             batch = {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS}

@@ -8,7 +8,7 @@ the process is a world of one.
 
 from __future__ import annotations
 
-import logging
+import argparse
 import os
 import re
 import socket
@@ -18,8 +18,6 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-
-logger = logging.getLogger(__name__)
 
 DEFAULT_MASTER_PORT = 29500
 SLURM_PORT_BASE = 20000
@@ -100,12 +98,9 @@ def init_process_group(env: DistributedEnv, use_cuda: bool) -> bool:
     return True
 
 
-def initialize_model_parallel(args, use_cuda: bool) -> None:
+def initialize_model_parallel(args: argparse.Namespace, use_cuda: bool) -> None:
     """megatron-core's TP/PP/DP groups and the seeded RNG (CUDA tracker on GPU)."""
-    vp = None
-    if args.num_layers_per_virtual_pipeline_stage is not None:
-        vp = args.num_layers // args.pipeline_model_parallel_size // args.num_layers_per_virtual_pipeline_stage
-    args.virtual_pipeline_model_parallel_size = vp
+    vp = args.virtual_pipeline_model_parallel_size
     if not use_cuda:
         from megatron_ext.parallel import initialize_cpu_parallel
 

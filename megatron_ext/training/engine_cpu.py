@@ -26,20 +26,21 @@ from megatron_ext.training.metrics import per_layer_grad_norms
 from megatron_ext.training.optimization import (
     StepResult,
     build_scheduler,
-    current_lr,
+    clip_grads_by_total_norm,
     torch_param_groups,
+    update_lr,
 )
 
 
 class CpuEngine:
     """Optimizer, scheduler and one train / eval step for single-stage model chunks."""
 
-    def __init__(self, args: argparse.Namespace, model_chunks: list[torch.nn.Module], extensions: ExtensionConfig):
+    def __init__(self, args: argparse.Namespace, model_chunks: list[torch.nn.Module],
+                 extensions: ExtensionConfig) -> None:
         if len(model_chunks) != 1:
             raise ValueError("the CPU path runs one model chunk per rank (no pipeline parallelism)")
         self.args = args
         self.model_chunks = model_chunks
-        self.extensions = extensions
         self.optimizer = torch.optim.AdamW(
             torch_param_groups(model_chunks, args, extensions), lr=args.lr,
             betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_eps, weight_decay=args.weight_decay,
@@ -49,6 +50,7 @@ class CpuEngine:
         self.clipped_params = wesar.clip_parameters(self.params, extensions.wesar)
 
     def _allreduce_data_parallel_grads(self) -> None:
+        """Average the gradients over the data-parallel group in one flat all-reduce."""
         if parallel_state.get_data_parallel_world_size() == 1:
             return
         grads = [p.grad for p in self.params if p.grad is not None]
@@ -59,13 +61,6 @@ class CpuEngine:
         for g in grads:
             g.copy_(flat[offset:offset + g.numel()].view_as(g))
             offset += g.numel()
-
-    def _clip(self, norm: float) -> None:
-        coefficient = self.args.clip_grad / (norm + 1e-6)
-        if coefficient < 1.0:
-            for p in self.clipped_params:
-                if p.grad is not None:
-                    p.grad.mul_(coefficient)
 
     def train_step(self, data_iterator: Iterator, layer_norms: bool = False) -> StepResult:
         """Forward/backward over all micro batches, reduce, clip and update (or skip)."""
@@ -84,13 +79,13 @@ class CpuEngine:
             allreduce_sequence_parallel_grads(self.model_chunks)
         self._allreduce_data_parallel_grads()
         norm = grad_norm(self.clipped_params)
-        lr = current_lr(self.optimizer)
+        lr = update_lr(self.optimizer)
         layers = per_layer_grad_norms(self.model_chunks) if layer_norms else {}
         if not (math.isfinite(lm_loss) and math.isfinite(norm)):
             self.optimizer.zero_grad(set_to_none=True)
             return StepResult(lm_loss, norm, True, lr, layers)
-        if self.args.clip_grad > 0:
-            self._clip(norm)
+        clip_grads_by_total_norm([p.grad for p in self.clipped_params if p.grad is not None],
+                                 self.args.clip_grad, norm)
         self.optimizer.step()
         self.scheduler.step(1)
         return StepResult(lm_loss, norm, False, lr, layers)

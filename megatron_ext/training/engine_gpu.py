@@ -30,7 +30,7 @@ from megatron_ext.extensions import ExtensionConfig
 from megatron_ext.training.configs import ddp_config, optimizer_config
 from megatron_ext.training.forward import forward_step
 from megatron_ext.training.metrics import per_layer_grad_norms
-from megatron_ext.training.optimization import StepResult, build_scheduler, current_lr
+from megatron_ext.training.optimization import StepResult, build_scheduler, clip_grads_by_total_norm, update_lr
 
 
 def wrap_model_chunks(args: argparse.Namespace, model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -47,6 +47,7 @@ def wrap_model_chunks(args: argparse.Namespace, model_chunks: list[torch.nn.Modu
 
 
 def _broadcast_from_last_stage(value: float) -> float:
+    """The last pipeline stage's ``value`` on every stage (only it computes the loss)."""
     tensor = torch.tensor([value], dtype=torch.float32, device="cuda")
     dist.broadcast(tensor, parallel_state.get_pipeline_model_parallel_last_rank(),
                    group=parallel_state.get_pipeline_model_parallel_group())
@@ -56,7 +57,8 @@ def _broadcast_from_last_stage(value: float) -> float:
 class GpuEngine:
     """megatron-core's optimizer, scheduler and schedules around DDP-wrapped model chunks."""
 
-    def __init__(self, args: argparse.Namespace, model_chunks: list[torch.nn.Module], extensions: ExtensionConfig):
+    def __init__(self, args: argparse.Namespace, model_chunks: list[torch.nn.Module],
+                 extensions: ExtensionConfig) -> None:
         self.args = args
         self.extensions = extensions
         self.model_chunks = wrap_model_chunks(args, model_chunks)
@@ -102,6 +104,7 @@ class GpuEngine:
         ]
 
     def _run(self, data_iterator: Iterator, forward_only: bool) -> float:
+        """One global batch through megatron-core's schedule; its mean lm loss on every rank."""
         losses = self.forward_backward(
             forward_step_func=forward_step, data_iterator=self._iterators(data_iterator),
             model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
@@ -127,12 +130,8 @@ class GpuEngine:
             if param_is_not_shared(p) and param_is_not_tensor_parallel_duplicate(p):
                 squares += p.main_grad.float().pow(2).sum()
         dist.all_reduce(squares, group=parallel_state.get_model_parallel_group())
-        scale = float(self.optimizer.get_loss_scale())
-        norm = float(squares.sqrt()) / scale
-        coefficient = self.args.clip_grad / (norm + 1e-6)
-        if math.isfinite(norm) and coefficient < 1.0:
-            for p in params:
-                p.main_grad.mul_(coefficient)
+        norm = float(squares.sqrt()) / float(self.optimizer.get_loss_scale())
+        clip_grads_by_total_norm([p.main_grad for p in params], self.args.clip_grad, norm)
         return norm
 
     def train_step(self, data_iterator: Iterator, layer_norms: bool = False) -> StepResult:
@@ -143,11 +142,14 @@ class GpuEngine:
         self.optimizer.zero_grad()
         lm_loss = self._run(data_iterator, forward_only=False)
         wesar.allreduce_tied_gate_grads(self.model_chunks)
-        lr = current_lr(self.optimizer)
-        clipped_norm = self._clip_model_grads() if self.clip_outside_optimizer else None
+        lr = update_lr(self.optimizer)
         layers = {}
         if layer_norms and not self.args.use_distributed_optimizer:
-            layers = per_layer_grad_norms(unwrap_model(self.model_chunks))
+            # Before the clip, as on the CPU path; main_grad holds fp16's scaled gradients.
+            scale = float(self.optimizer.get_loss_scale())
+            layers = {layer: norm / scale for layer, norm in
+                      per_layer_grad_norms(unwrap_model(self.model_chunks)).items()}
+        clipped_norm = self._clip_model_grads() if self.clip_outside_optimizer else None
         found_inf = self.optimizer.prepare_grads()
         if found_inf or not math.isfinite(lm_loss):
             return StepResult(lm_loss, float("nan"), True, lr, layers)
@@ -176,4 +178,5 @@ class GpuEngine:
 
     @property
     def completed_updates(self) -> int:
+        """Optimizer updates done so far (ProRes' t); skipped steps do not count."""
         return self.scheduler.num_steps

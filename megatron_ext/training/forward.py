@@ -16,6 +16,8 @@ from megatron.core import parallel_state
 
 from megatron_ext.training.data import Batch
 
+LossFunc = Callable[[torch.Tensor], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+
 
 def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """``sum(loss * mask) / sum(mask)``, and its data-parallel average for logging."""
@@ -29,7 +31,7 @@ def masked_mean_loss(loss_mask: torch.Tensor, output: torch.Tensor) -> tuple[tor
     return loss, {"lm loss": reported}
 
 
-def forward_step(data_iterator: Iterator[Optional[Batch]], model: torch.nn.Module) -> tuple[torch.Tensor, Callable]:
+def forward_step(data_iterator: Iterator[Optional[Batch]], model: torch.nn.Module) -> tuple[torch.Tensor, LossFunc]:
     """Run ``model`` on the next micro batch; labels make GPTModel return per-token losses."""
     batch = next(data_iterator)
     if batch is None:  # a middle pipeline stage: input comes from the previous stage

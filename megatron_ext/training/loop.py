@@ -23,8 +23,8 @@ import torch.distributed as dist
 
 from megatron_ext import prores
 from megatron_ext.training.checkpointing import TrainingState, save_checkpoint
-from megatron_ext.training.metrics import MetricsWriter, format_log_line, method_scalars
-from megatron_ext.training.optimization import StepResult
+from megatron_ext.training.metrics import GpuMonitor, MetricsWriter, format_log_line, method_scalars
+from megatron_ext.training.optimization import Engine, StepResult
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class SaveSignal:
                 self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
-    def _handle(self, signum: int, frame) -> None:
+    def _handle(self, signum: int, frame: object) -> None:
         self.received = signum
 
     def __exit__(self, *exc) -> None:
@@ -73,7 +73,7 @@ class SpikeDetector:
 
     window: int
     num_std: float
-    history: deque = field(default_factory=deque)
+    history: deque[float] = field(default_factory=deque)
 
     def update(self, loss: float) -> Optional[tuple[float, float]]:
         """Add ``loss``; return (mean, std) of the previous losses if it is a spike."""
@@ -106,9 +106,9 @@ class Interval:
 class Trainer:
     """Runs iterations of an engine (:class:`CpuEngine` or :class:`GpuEngine`)."""
 
-    def __init__(self, args: argparse.Namespace, engine, state: TrainingState, writer: MetricsWriter,
+    def __init__(self, args: argparse.Namespace, engine: Engine, state: TrainingState, writer: MetricsWriter,
                  train_batches: Iterator, valid_batches: Optional[Callable[[], Iterator]], methods: dict,
-                 flops_per_iteration: float, device: torch.device, gpu_monitor=None) -> None:
+                 flops_per_iteration: float, device: torch.device, gpu_monitor: Optional[GpuMonitor] = None) -> None:
         self.args = args
         self.engine = engine
         self.state = state
@@ -125,6 +125,7 @@ class Trainer:
 
     @property
     def model_chunks(self) -> list[torch.nn.Module]:
+        """The engine's (possibly wrapped) model chunks."""
         return self.engine.model_chunks
 
     def train(self) -> int:
@@ -192,6 +193,7 @@ class Trainer:
         return True
 
     def _log(self, result: StepResult) -> None:
+        """Megatron-LM's log line and a metrics record for the interval ending at ``result``."""
         args = self.args
         elapsed = time.perf_counter() - self.interval.start
         per_iteration = elapsed / max(self.interval.iterations, 1)
@@ -235,4 +237,5 @@ class Trainer:
         return loss
 
     def save(self) -> None:
+        """A checkpoint of the current iteration under ``--save``."""
         save_checkpoint(self.args.save, self.state, self.engine, self.model_chunks, self.args, self.methods)

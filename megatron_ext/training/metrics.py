@@ -20,6 +20,7 @@ from megatron.core.utils import unwrap_model
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 
 from megatron_ext import prores, wesar
+from megatron_ext.training.arguments import serializable_args
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ def model_flops_per_iteration(args: argparse.Namespace, vocab_size: int) -> floa
 class GpuMonitor:
     """Power and utilisation from NVML (nvidia-ml-py), when installed."""
 
-    def __init__(self, local_rank: int) -> None:
+    def __init__(self) -> None:
         self.handle = None
         try:
             import pynvml
@@ -82,6 +83,7 @@ class GpuMonitor:
             logger.info("NVML unavailable (%s); power and utilisation not logged", exc)
 
     def read(self) -> dict[str, float]:
+        """Memory allocated now and at peak (GiB), and power (W) and utilisation (%) if NVML."""
         stats = {
             "mem_allocated_gb": torch.cuda.memory_allocated() / 2**30,
             "mem_max_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
@@ -93,6 +95,7 @@ class GpuMonitor:
 
 
 def _gradient(param: torch.nn.Parameter) -> Optional[torch.Tensor]:
+    """megatron-core DDP's ``main_grad`` when present, else ``grad``."""
     grad = getattr(param, "main_grad", None)
     return param.grad if grad is None else grad
 
@@ -160,7 +163,7 @@ class MetricsWriter:
                 logger.warning("--wandb-project given but wandb is not installed; not logging to wandb")
             else:
                 self.wandb = wandb.init(project=args.wandb_project, name=args.wandb_exp_name,
-                                        config={k: v for k, v in vars(args).items() if _plain(v)})
+                                        config=serializable_args(args))
 
     def write(self, record: dict[str, Any]) -> None:
         """One JSON line, and every numeric field as a scalar at ``record['iteration']``."""
@@ -180,13 +183,10 @@ class MetricsWriter:
             self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
+        """Close the metrics file and finish TensorBoard and wandb."""
         if self.jsonl is not None:
             self.jsonl.close()
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.wandb is not None:
             self.wandb.finish()
-
-
-def _plain(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str, list))

@@ -1,22 +1,27 @@
 """Pieces of the optimizer set-up shared by both engines: parameter groups (WeSaR's or
-megatron-core's standard rule), the learning-rate scheduler and the step outcome."""
+megatron-core's standard rule), the learning-rate scheduler, the gradient clip, the
+engine interface and the step outcome."""
 
 from __future__ import annotations
 
 import argparse
 import math
 from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Protocol, Union
 
 import torch
-from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.optimizer import MegatronOptimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
 
 from megatron_ext import wesar
 from megatron_ext.extensions import ExtensionConfig
 
+Optimizer = Union[torch.optim.Optimizer, MegatronOptimizer]
+
 
 @dataclass
 class StepResult:
-    """What one training iteration did."""
+    """What one training iteration did; ``lr`` is the learning rate its update used."""
 
     loss: float
     grad_norm: float
@@ -24,9 +29,23 @@ class StepResult:
     lr: float
     layer_grad_norms: dict[int, float] = field(default_factory=dict)
 
+
+class Engine(Protocol):
+    """What the loop and the checkpoints need of an engine (CPU or GPU)."""
+
+    model_chunks: list[torch.nn.Module]
+    optimizer: Optimizer
+    scheduler: OptimizerParamScheduler
+
+    def train_step(self, data_iterator: Iterator, layer_norms: bool = False) -> StepResult:
+        """One global batch: forward, backward, reductions, clip and update (or skip)."""
+
+    def evaluate(self, data_iterator: Iterator, num_batches: int) -> float:
+        """Mean lm loss over ``num_batches`` global batches, dropout off."""
+
     @property
-    def finite(self) -> bool:
-        return math.isfinite(self.loss) and math.isfinite(self.grad_norm)
+    def completed_updates(self) -> int:
+        """Optimizer updates done so far (ProRes' t); skipped steps do not count."""
 
 
 def torch_param_groups(model_chunks: list[torch.nn.Module], args: argparse.Namespace,
@@ -35,19 +54,20 @@ def torch_param_groups(model_chunks: list[torch.nn.Module], args: argparse.Names
 
     ``max_lr``/``min_lr`` carry the group's LR multiplier (WeSaR gates) and
     ``start_wd``/``end_wd`` its weight decay, so :class:`OptimizerParamScheduler` sets
-    every group's LR and decay exactly as it does for megatron-core's optimizer.
+    every group's LR and decay exactly as it does for megatron-core's optimizer;
+    ``default_config`` marks the groups on the base schedule, as megatron-core does.
     """
     out = []
-    groups = wesar.param_groups(model_chunks, args.weight_decay, extensions.wesar)
-    for group in groups:
+    for group in wesar.param_groups(model_chunks, args.weight_decay, extensions.wesar):
         lr_mult = group.get("lr_mult", 1.0)
-        out.append(dict(params=list(group["params"]), name=group.get("name", ""), lr_mult=lr_mult,
+        out.append(dict(params=list(group["params"]), name=group.get("name", ""), default_config=lr_mult == 1.0,
                         weight_decay=group["weight_decay"], start_wd=group["weight_decay"],
                         end_wd=group["weight_decay"], max_lr=args.lr * lr_mult, min_lr=args.min_lr * lr_mult))
     return out
 
 
-def build_scheduler(args: argparse.Namespace, optimizer) -> OptimizerParamScheduler:
+def build_scheduler(args: argparse.Namespace,
+                    optimizer: Optimizer) -> OptimizerParamScheduler:
     """megatron-core's LR/WD scheduler, in optimizer iterations (one step per update)."""
     return OptimizerParamScheduler(
         optimizer,
@@ -68,10 +88,22 @@ def build_scheduler(args: argparse.Namespace, optimizer) -> OptimizerParamSchedu
     )
 
 
-def current_lr(optimizer) -> float:
-    """The learning rate of the first group with multiplier 1 (what Megatron-LM logs)."""
-    groups = optimizer.param_groups
-    for group in groups:
-        if group.get("lr_mult", 1.0) == 1.0:
-            return float(group["lr"])
-    return float(groups[0]["lr"]) if groups else 0.0
+def update_lr(optimizer: Optimizer) -> float:
+    """The base-schedule learning rate the next optimizer update uses.
+
+    The scheduler sets it after each update (and at construction), so read before the
+    update and the scheduler step it is the LR that update applies. Groups restored from
+    a checkpoint written without ``default_config`` fall back to the first group.
+    """
+    lr = get_canonical_lr_for_logging(optimizer.param_groups)
+    return float(optimizer.param_groups[0]["lr"] if lr is None else lr)
+
+
+def clip_grads_by_total_norm(grads: Iterable[torch.Tensor], max_norm: float, total_norm: float) -> None:
+    """Scale ``grads`` in place by ``max_norm / (total_norm + 1e-6)`` when that is below 1
+    (megatron-core's clip rule). ``max_norm`` 0 (``--clip-grad 0``) or a non-finite
+    ``total_norm`` leaves them unchanged."""
+    coefficient = max_norm / (total_norm + 1e-6)
+    if max_norm > 0 and math.isfinite(total_norm) and coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)

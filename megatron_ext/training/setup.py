@@ -16,6 +16,7 @@ from megatron_ext.extensions import ExtensionConfig
 from megatron_ext.model import gpt_model_chunks
 from megatron_ext.training.configs import transformer_config
 from megatron_ext.training.data import MicroBatches, build_datasets
+from megatron_ext.training.optimization import Engine
 
 LOG_FORMAT = "%(message)s"
 
@@ -40,7 +41,8 @@ def padded_vocab_size(vocab_size: int, divisible_by: int) -> int:
     return int(math.ceil(vocab_size / divisible_by) * divisible_by)
 
 
-def build_model_chunks(args: argparse.Namespace, extensions: ExtensionConfig, vocab_size: int) -> list:
+def build_model_chunks(args: argparse.Namespace, extensions: ExtensionConfig,
+                       vocab_size: int) -> list[torch.nn.Module]:
     """This rank's GPT chunks (one per virtual pipeline stage), on the CPU."""
     return gpt_model_chunks(
         transformer_config(args), extensions,
@@ -53,7 +55,8 @@ def build_model_chunks(args: argparse.Namespace, extensions: ExtensionConfig, vo
     )
 
 
-def build_engine(args: argparse.Namespace, model_chunks: list, extensions: ExtensionConfig):
+def build_engine(args: argparse.Namespace, model_chunks: list[torch.nn.Module], extensions: ExtensionConfig) -> Engine:
+    """megatron-core's engine on the GPU path, its CPU substitute otherwise."""
     if args.use_cuda:
         from megatron_ext.training.engine_gpu import GpuEngine
 
@@ -74,6 +77,7 @@ def build_data_streams(args: argparse.Namespace, tokenizer: Tokenizer, consumed_
 
 
 def describe_parallelism(args: argparse.Namespace, world_size: int) -> str:
+    """One log line: world size, TP/PP(/virtual)/DP sizes and the platform path."""
     vp = args.virtual_pipeline_model_parallel_size
     return (f"world size: {world_size} (tensor {args.tensor_model_parallel_size}, pipeline "
             f"{args.pipeline_model_parallel_size}{f' x {vp} virtual' if vp else ''}, data "
