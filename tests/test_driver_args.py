@@ -71,6 +71,15 @@ def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset)
     assert args.data_path == [byte_dataset]
 
 
+def test_command_line_switches_off_what_the_yaml_switches_on(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("bf16: true\nprores: true\nwesar: true\nswiglu: true\n")
+    on = parse_args(["--config", str(config)])
+    assert (on.bf16, on.prores, on.wesar, on.swiglu) == (True, True, True, True)
+    off = parse_args(["--config", str(config), "--no-bf16", "--no-prores", "--no-swiglu"])
+    assert (off.bf16, off.prores, off.wesar, off.swiglu) == (False, False, True, False)
+
+
 @pytest.mark.parametrize("text,message", [("nonsense-flag: 3\n", "unknown flag"), ("prores: 3\n", "true or false"),
                                           ("prores-schedule: cosine\n", "must be one of")])
 def test_yaml_config_errors(tmp_path, text, message):

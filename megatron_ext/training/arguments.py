@@ -66,14 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--rotary-base", type=int, default=10000)
     g.add_argument("--normalization", choices=("LayerNorm", "RMSNorm"), default="LayerNorm")
     g.add_argument("--norm-epsilon", type=float, default=1e-5)
-    g.add_argument("--swiglu", action="store_true", help="SwiGLU FFN (gated SiLU)")
-    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--swiglu", action=argparse.BooleanOptionalAction, default=False, help="SwiGLU FFN (gated SiLU)")
+    g.add_argument("--disable-bias-linear", action=argparse.BooleanOptionalAction, default=False, help="no biases in linear layers")
+    g.add_argument("--untie-embeddings-and-output-weights", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--init-method-std", type=float, default=0.02)
     g.add_argument("--attention-dropout", type=float, default=0.1)
     g.add_argument("--hidden-dropout", type=float, default=0.1)
     g.add_argument("--transformer-impl", choices=("local", "transformer_engine"), default="local")
-    g.add_argument("--use-cpu-initialization", action="store_true", default=None,
+    g.add_argument("--use-cpu-initialization", action=argparse.BooleanOptionalAction, default=None,
                    help="draw full weights on the CPU and keep this rank's shard (TP-invariant); default on the CPU path")
 
     g = p.add_argument_group("parallelism")
@@ -82,10 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--use-distributed-optimizer", action="store_true", help="GPU only")
-    g.add_argument("--overlap-grad-reduce", action="store_true", help="GPU only")
-    g.add_argument("--overlap-param-gather", action="store_true", help="GPU only; needs the two above")
+    g.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=False)
+    g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
+    g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
+    g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False, help="GPU only; needs the two above")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU path")
 
     g = p.add_argument_group("training")
@@ -103,8 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip; 0 disables")
-    g.add_argument("--bf16", action="store_true", help="GPU only")
-    g.add_argument("--fp16", action="store_true", help="GPU only")
+    g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
+    g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--max-consecutive-skips", type=int, default=5,
                    help="stop after this many consecutive steps with a non-finite loss or grad norm")
@@ -144,24 +144,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dense peak of one GPU for MFU (H100 SXM bf16: 989)")
 
     g = p.add_argument_group("ProRes (progressive residual warmup)")
-    g.add_argument("--prores", action="store_true")
+    g.add_argument("--prores", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--prores-schedule", choices=SCHEDULES, default=None, help="default: linear")
     g.add_argument("--prores-warmup", type=int, default=None, help="T, first layer's warmup in steps (default 1000)")
 
     g = p.add_argument_group("WeSaR (weight scaling as reparameterization)")
-    g.add_argument("--wesar", action="store_true")
+    g.add_argument("--wesar", action=argparse.BooleanOptionalAction, default=False)
     g.add_argument("--wesar-std", type=float, default=None, help="common base-weight std (default 0.006325)")
     g.add_argument("--wesar-backbone", choices=BACKBONES, default=None, help="gate targets (default he)")
     g.add_argument("--wesar-gate-weight-decay", type=float, default=None, help="default 0")
     g.add_argument("--wesar-gate-lr-mult", type=float, default=None, help="default 1")
-    g.add_argument("--wesar-exclude-gates-from-clip", action="store_true", default=None)
+    g.add_argument("--wesar-exclude-gates-from-clip", action=argparse.BooleanOptionalAction, default=None)
 
     g = p.add_argument_group("NormFormer")
-    g.add_argument("--normformer", action="store_true", help="head scale, post-attention norm and FFN norm")
+    g.add_argument("--normformer", action=argparse.BooleanOptionalAction, default=False, help="head scale, post-attention norm and FFN norm")
     g.add_argument("--normformer-no-head-scale", action="store_true", default=None)
     g.add_argument("--normformer-no-post-attention-norm", action="store_true", default=None)
     g.add_argument("--normformer-no-ffn-norm", action="store_true", default=None)
-    g.add_argument("--normformer-residual-scale", action="store_true", default=None)
+    g.add_argument("--normformer-residual-scale", action=argparse.BooleanOptionalAction, default=None)
     for action in p._actions:
         if action.help is None:
             action.help = "(default: %(default)s)"
@@ -170,10 +170,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
     """A YAML value as argparse would have parsed it for ``action``; ConfigError if it cannot be."""
-    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
-        return value if isinstance(action, argparse._StoreTrueAction) else not value
+        return not value if isinstance(action, argparse._StoreFalseAction) else value
     if action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else str(value).split()
         return [action.type(v) if action.type else str(v) for v in values]
