@@ -42,10 +42,11 @@ train() {  # name, extra flags...
 train baseline
 train prores --prores --prores-warmup 20
 train wesar --wesar
+train wesar-noclip --wesar --wesar-exclude-gates-from-clip
 train normformer --normformer
 train all --prores --prores-warmup 20 --wesar --normformer
 train baseline-lr5x --lr 1.5e-2 --min-lr 1.5e-3
 train all-lr5x --lr 1.5e-2 --min-lr 1.5e-3 --prores --prores-warmup 20 --wesar --normformer
 
-"$PYTHON" tools/plot_runs.py "$RUNS"/{baseline,prores,wesar,normformer,all,baseline-lr5x,all-lr5x} \
+"$PYTHON" tools/plot_runs.py "$RUNS"/{baseline,prores,wesar,wesar-noclip,normformer,all,baseline-lr5x,all-lr5x} \
     --output docs/cpu_convergence.png --title "4-layer GPT on 6 MB of Wikipedia, CPU, ${ITERS} iterations"

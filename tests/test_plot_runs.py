@@ -42,6 +42,14 @@ def test_x_axis_is_tokens_when_logged(tmp_path):
     assert run.train == [(70.0, 4.1), (140.0, 3.1)]
 
 
+def test_event_records_are_not_curve_points(tmp_path):
+    run = write_run(tmp_path / "r", [4.0, 3.0])
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"iteration": 25, "event": "loss_spike", "lm_loss": 9.0, "running_mean": 4.0}) + "\n")
+    curves = plot_runs.load_run(str(run), "r")
+    assert curves.x_label == "tokens" and 9.0 not in [loss for _, loss in curves.train]
+
+
 def test_malformed_line_is_located(tmp_path, capsys):
     run = write_run(tmp_path / "r", [4.0])
     with (run / "metrics.jsonl").open("a") as handle:

@@ -5,7 +5,8 @@
         --output docs/convergence.png
 
 Each run is a directory holding ``metrics.jsonl`` (the training driver writes it into
-``--save``) or the file itself. Validation records (``val_loss``) are drawn against
+``--save``) or the file itself; event records (skipped steps, loss spikes) are not
+plotted. Validation records (``val_loss``) are drawn against
 consumed tokens (iterations when a run did not log tokens), training ``lm_loss`` in a
 second panel. A markdown table of final and best validation losses goes to stdout.
 The PNG is written to a temporary name and renamed when complete.
@@ -58,7 +59,8 @@ def load_run(run: str, label: str) -> Run:
                 raise RunError(f"{path}:{number}: not JSON ({err.msg})") from None
             if not isinstance(record, dict) or "iteration" not in record:
                 raise RunError(f"{path}:{number}: expected a JSON object with an 'iteration' field")
-            records.append(record)
+            if "event" not in record:  # skipped steps and loss spikes are not curve points
+                records.append(record)
     use_tokens = all("consumed_tokens" in r for r in records if "val_loss" in r or "lm_loss" in r)
     x_key = "consumed_tokens" if use_tokens else "iteration"
     run_curves = Run(label=label, x_label="tokens" if use_tokens else "iteration")
