@@ -22,7 +22,6 @@ measured unmodelled constant ``a - estimated fixed part``.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
+from megatron_ext import memory as em  # noqa: E402
 from megatron_ext.training.distributed import shutdown  # noqa: E402
 from megatron_ext.training.setup import padded_vocab_size  # noqa: E402
 
@@ -47,16 +47,7 @@ LAYER_13B = harness.Shape("13b-layer", 1, 5120, 40, 2048, micro_batch_size=2, ff
 LAYER_TINY = harness.Shape("tiny-layer", 1, 64, 4, 32, micro_batch_size=2, ffn_hidden_size=256)
 
 
-def load_estimator():
-    """tools/estimate_memory.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "tools" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def estimator_model(em, shape: harness.Shape, num_layers: int, variant: str):
+def estimator_model(shape: harness.Shape, num_layers: int, variant: str):
     flags = harness.METHOD_FLAGS[variant]
     normformer = "--normformer" in flags
     return em.ModelShape(
@@ -105,12 +96,12 @@ def fit_line(points: list[dict]) -> tuple[float, float]:
     return float(a), float(b)
 
 
-def correction(em, shape: harness.Shape, variant: str, points: list[dict]) -> dict:
+def correction(shape: harness.Shape, variant: str, points: list[dict]) -> dict:
     """The measured line against the estimator's for the same runs (bytes)."""
     layout = em.Layout(micro_batch_size=shape.micro_batch_size, precision="bf16")
     for p in points:
-        p["estimated_peak"] = em.estimate(estimator_model(em, shape, p["layers"], variant), layout).peak
-    one, two = (em.estimate(estimator_model(em, shape, n, variant), layout) for n in (1, 2))
+        p["estimated_peak"] = em.estimate(estimator_model(shape, p["layers"], variant), layout).peak
+    one, two = (em.estimate(estimator_model(shape, n, variant), layout) for n in (1, 2))
     est_per_layer = two.peak - one.peak
     state_per_layer = (two.weights + two.gradients + two.optimizer) - (one.weights + one.gradients + one.optimizer)
     a, b = fit_line(points)
@@ -122,7 +113,7 @@ def correction(em, shape: harness.Shape, variant: str, points: list[dict]) -> di
     }
 
 
-def extrapolate(em, corrections: dict[str, dict], configs: list[Path], num_gpus: int) -> dict:
+def extrapolate(corrections: dict[str, dict], configs: list[Path], num_gpus: int) -> dict:
     """Each 13B layout's estimated and corrected peak; a config named like a measured
     variant (``all.yaml``) takes that variant's correction, the others the baseline's."""
     layouts = {}
@@ -166,7 +157,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shape = harness.Shape(**{**vars(LAYER_TINY if args.tiny else LAYER_13B), "micro_batch_size": args.micro_batch_size})
     if len(set(args.layers)) < 2 or min(args.layers) < 1:
         raise SystemExit("--layers needs at least two distinct counts >= 1")
-    em = load_estimator()
     report: dict = {"shape": vars(shape), "iterations": args.iterations, "variants": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = harness.write_synthetic_dataset(Path(tmp) / "tokens", harness.GPT2_VOCAB_SIZE, 16, 2 * shape.seq_length)
@@ -189,11 +179,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                             points.append(largest)
                             break
                     entry["max_layers_fitting"] = largest["layers"] if largest else None
-                    entry.update(correction(em, shape, variant, points))
+                    entry.update(correction(shape, variant, points))
                 report["variants"][variant] = entry
                 logger.info("%s: %s", variant, json.dumps({k: v for k, v in entry.items() if k != "points"}))
             corrections = {v: e for v, e in report["variants"].items() if "activation_ratio" in e}
-            report["layouts_13b"] = extrapolate(em, corrections, args.configs, args.num_gpus)
+            report["layouts_13b"] = extrapolate(corrections, args.configs, args.num_gpus)
         finally:
             shutdown(created)
     args.output.parent.mkdir(parents=True, exist_ok=True)

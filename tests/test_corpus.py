@@ -83,7 +83,7 @@ def test_expand_inputs(tmp_path):
 
 
 def test_zstd_input(tmp_path):
-    zstandard = pytest.importorskip("zstandard")
+    import zstandard  # a test dependency (pyproject's test extra)
     path = tmp_path / "z.jsonl.zst"
     path.write_bytes(zstandard.ZstdCompressor().compress(b'{"text": "zst"}\n' * 3))
     assert [d[0] for d in docs(path)] == [("zst",)] * 3

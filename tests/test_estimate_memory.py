@@ -1,9 +1,8 @@
-"""tools/estimate_memory.py: exact parameter counts against built models, the memory laws, the example layouts."""
+"""megatron_ext.memory (tools/estimate_memory.py): exact parameter counts against built models, the memory laws, the example layouts."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ from model_utils import LLAMA_LIKE, SEQ, VOCAB, build, tiny_config
 from mp_utils import run_distributed
 
 from megatron_ext import ExtensionConfig, ProResConfig
+from megatron_ext import memory as em
 from megatron_ext.normformer import NormFormerConfig
 from megatron_ext.wesar import WeSaRConfig
 from megatron_ext.parallel import initialize_cpu_parallel
@@ -21,17 +21,6 @@ from megatron_ext.parallel import initialize_cpu_parallel
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "examples" / "configs").glob("*/*.yaml"))
 
-
-def _load_estimate_memory():
-    """Import tools/estimate_memory.py (tools/ is not a package; dataclasses need sys.modules)."""
-    spec = importlib.util.spec_from_file_location("estimate_memory", REPO / "tools" / "estimate_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-em = _load_estimate_memory()
 
 GIB = 1024**3
 
