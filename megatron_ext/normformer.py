@@ -179,7 +179,9 @@ class FFNNorm(MegatronModule):
     Gain (init 1) and, for LayerNorm, bias (init 0) are partitioned along the FFN
     dimension like fc1's output (``partition_dim=0``); every token's statistics cover the
     whole width, also under sequence parallelism, where fc2's input holds the full
-    sequence and this rank's FFN slice.
+    sequence and this rank's FFN slice. Without tensor parallelism it is torch's
+    ``layer_norm`` / ``rms_norm`` (one fused kernel each way), else
+    :func:`sharded_width_norm`.
     """
 
     def __init__(self, config: TransformerConfig, width: int, tp_group: Optional[dist.ProcessGroup]) -> None:
@@ -193,8 +195,8 @@ class FFNNorm(MegatronModule):
         self.eps = config.layernorm_epsilon
         self.rms = config.normalization == "RMSNorm"
         self.tp_group = tp_group
-        tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
-        shape = (divide(width, tp_size),)
+        self.tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
+        shape = (divide(width, self.tp_size),)
         device, dtype = _param_device(config), config.params_dtype
         self.weight = torch.nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
         self.bias = None if self.rms else torch.nn.Parameter(torch.zeros(shape, device=device, dtype=dtype))
@@ -202,6 +204,10 @@ class FFNNorm(MegatronModule):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp_size == 1:  # the whole width is local: torch's own fused kernel
+            if self.rms:
+                return torch.nn.functional.rms_norm(x, (self.width,), self.weight, self.eps)
+            return torch.nn.functional.layer_norm(x, (self.width,), self.weight, self.bias, self.eps)
         return sharded_width_norm(
             x, self.weight, self.bias, width=self.width, eps=self.eps, rms=self.rms, group=self.tp_group
         )

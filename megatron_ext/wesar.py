@@ -6,21 +6,25 @@ gate initialised to ``target_std / std`` so the model equals its backbone at ste
 (METHODS.md section 2). With Adam the update of ``W~`` does not depend on ``a_W``, so
 every matrix moves by the same relative amount ``~ lr / std``.
 
-The gate multiplies the linear's OUTPUT, ``a_W * (x W~^T) + b``, which equals the
-effective weight ``a_W * W~`` with the bias left unscaled. A fused QKV linear has one
-gate each for q, k and v, and a SwiGLU fc1 one each for its gate and up halves: their
-output columns are scaled by a per-column vector built from the gates in megatron-core's
-local column layout.
+A linear computes ``x (a_W W~)^T + b`` (the bias is not gated). A fused QKV linear has
+one gate each for q, k and v, and a SwiGLU fc1 one each for its gate and up halves: their
+output rows are scaled by a per-row vector built from the gates in megatron-core's local
+layout.
 
-Tensor parallelism: a gate is replicated on every TP rank. Its gradient is a partial
-sum wherever a rank sees only part of the gated output (column-parallel outputs,
-sequence-parallel row-parallel outputs, reduce-scattered embeddings); there the gate
-passes through megatron's ``copy_to_tensor_model_parallel_region`` (identity forward,
-all-reduce backward). Where every rank sees the whole output (row-parallel after its
-all-reduce, embedding lookup after its all-reduce) the gradient is already complete and
-is not reduced. The reduction lives inside autograd, so the CPU and GPU paths need no
-extra gradient hook (except for a tied output layer on its own pipeline stage, see
-:func:`allreduce_tied_gate_grads`).
+Where the gate is multiplied (``WeSaRConfig.placement``): into the weight, ``a_W * W~``
+(weight-sized elementwise work and saved tensor per micro-batch), or onto the matmul's
+output, ``a_W * (x W~^T)`` (output-sized). ``auto`` picks, per call, whichever is
+smaller: the weight when the matmul has more token rows than the weight has input
+columns (every pretraining shape), so the gate costs no activation-sized kernel.
+
+Tensor parallelism: a gate is replicated on every TP rank. The local linears gate the
+rank's own shard inside megatron's ``_forward_impl`` (before any gather or reduction),
+so the gate gradient is always a partial sum over TP ranks: the gate passes through
+megatron's ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
+backward). The embedding is gated on its output; its gradient is partial only when the
+output is reduce-scattered (sequence parallelism). The reduction lives inside autograd,
+so the CPU and GPU paths need no extra gradient hook (except for a tied output layer on
+its own pipeline stage, see :func:`allreduce_tied_gate_grads`).
 """
 
 from __future__ import annotations
@@ -61,6 +65,7 @@ from megatron.core.utils import (
 logger = logging.getLogger(__name__)
 
 BACKBONES: tuple[str, ...] = ("he", "megatron")
+PLACEMENTS: tuple[str, ...] = ("auto", "weight", "output")
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,7 @@ class WeSaRConfig:
     exclude_gates_from_clip: bool = False
     embedding: bool = True
     output_layer: bool = True
+    placement: str = "auto"
 
     def __post_init__(self) -> None:
         if not self.std > 0:
@@ -84,6 +90,8 @@ class WeSaRConfig:
             raise ValueError(f"WeSaR gate_weight_decay must be >= 0, got {self.gate_weight_decay}")
         if not self.gate_lr_mult > 0:
             raise ValueError(f"WeSaR gate_lr_mult must be > 0, got {self.gate_lr_mult}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"unknown WeSaR placement {self.placement!r}; expected one of {', '.join(PLACEMENTS)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -177,12 +185,13 @@ def _new_gate(value: float, device: torch.device) -> torch.nn.Parameter:
 
 
 class WeSaRGates(torch.nn.Module):
-    """The gates of one linear or embedding; scales its output columns by them.
+    """The gates of one linear or embedding.
 
     Each gate is a 0-d fp32 parameter named after its matrix kind. ``column_gate`` maps
-    every local output column to the index of its gate (``None``: one gate for all).
-    ``reduce_grad`` all-reduces the gates' gradient over ``tp_group`` (see module doc).
-    Gates stay fp32 when the model is cast to bf16/fp16.
+    every local output feature (a column of the output, a row of the weight) to the
+    index of its gate (``None``: one gate for all). ``reduce_grad`` all-reduces the
+    gates' gradient over ``tp_group`` (see module doc). Gates stay fp32 when the model is
+    cast to bf16/fp16.
     """
 
     def __init__(
@@ -208,25 +217,22 @@ class WeSaRGates(torch.nn.Module):
         gates = {kind: _new_gate(value, device) for kind, value in values.items()}
         return cls(gates, None if column_gate is None else column_gate.to(device), reduce_grad, tp_group)
 
-    def column_scale(self) -> torch.Tensor:
-        """Per-column scale of the local output: shape [1] or [local columns]."""
+    def feature_scale(self) -> torch.Tensor:
+        """Scale of each local output feature: shape [1] or [local output features]."""
         gates = torch.stack(list(self._parameters.values()))
         if self.reduce_grad:
             gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)
         return gates if self.column_gate is None else gates[self.column_gate]
 
-    def forward(self, output: torch.Tensor) -> torch.Tensor:
-        return output * self.column_scale().to(output.dtype)
+    def scale_output(self, output: torch.Tensor) -> torch.Tensor:
+        """``a * output``, the gates indexed by the last dim of ``output``."""
+        return output * self.feature_scale().to(output.dtype)
 
-    @torch.no_grad()
-    def fold_into(self, weight: torch.Tensor, column_dim: int) -> None:
-        """Multiply the gates into ``weight`` (whose dim ``column_dim`` indexes output columns)."""
-        scale = torch.stack(list(self._parameters.values()))
-        if self.column_gate is not None:
-            scale = scale[self.column_gate]
+    def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
+        """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
         shape = [1] * weight.dim()
-        shape[column_dim] = scale.numel()
-        weight.mul_(scale.view(shape).to(weight.dtype))
+        shape[feature_dim] = -1
+        return weight * self.feature_scale().to(weight.dtype).view(shape)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -293,22 +299,36 @@ def _column_gates(
 
 
 def _row_gates(
-    matrix: str, config: TransformerConfig, cfg: WeSaRConfig, tp_group: dist.ProcessGroup, device: torch.device
+    matrix: str, config: TransformerConfig, cfg: WeSaRConfig, tp_group: dist.ProcessGroup, device: torch.device,
+    on_shard: bool,
 ) -> WeSaRGates:
     if matrix not in _SCALED_KINDS:
         raise ValueError(f"WeSaR row-parallel matrix must be one of {_SCALED_KINDS}, got {matrix!r}")
-    # The output is all-reduced (complete on every rank) unless sequence parallelism
+    # On this rank's shard (before the reduction) the gradient is a partial sum; after the
+    # all-reduce the output is complete on every rank, unless sequence parallelism
     # reduce-scatters it over the sequence.
-    reduce = config.sequence_parallel and get_pg_size(tp_group) > 1
+    reduce = on_shard or config.sequence_parallel
     return WeSaRGates.create(_gate_values([matrix], config, cfg), device, reduce_grad=reduce, tp_group=tp_group)
 
 
-def _gated(layer: torch.nn.Module, output: torch.Tensor, bias: Optional[torch.Tensor]):
-    """``a * output`` plus the unscaled bias where the caller did not ask for it back."""
-    output = layer.wesar(output)
+def _add_bias(layer: torch.nn.Module, output: torch.Tensor, bias: Optional[torch.Tensor]):
+    """The gated ``output`` plus the (ungated) bias where the caller did not ask for it back."""
     if layer.wesar_adds_bias and bias is not None:
         return output + bias, None
     return output, bias
+
+
+def gate_on_weight(placement: str, input_: torch.Tensor, weight: torch.Tensor, gathered_input: int = 1) -> bool:
+    """Whether a linear multiplies its gates into the weight (else onto the matmul output).
+
+    ``auto``: the weight when the matmul's token rows (``input_``'s rows times
+    ``gathered_input``, the sequence-parallel all-gather) outnumber the weight's input
+    columns, i.e. when ``a * W~`` touches fewer elements than ``a * (x W~^T)``.
+    """
+    if placement != "auto":
+        return placement == "weight"
+    rows = input_.numel() // input_.shape[-1] * gathered_input
+    return weight.shape[1] < rows
 
 
 # ---------------------------------------------------------------------------------------
@@ -316,74 +336,95 @@ def _gated(layer: torch.nn.Module, output: torch.Tensor, bias: Optional[torch.Te
 # ---------------------------------------------------------------------------------------
 
 
-class _ColumnGating:
-    """Mixin for a column-parallel linear: base weight from N(0, std^2), gated output.
+class _Gating:
+    """Mixin for a tensor-parallel linear: base weight from N(0, std^2), WeSaR gates.
 
-    ``matrix`` is ``"qkv"`` (q, k, v gates) or ``"ffn_in"`` (two gates under a gated
-    linear unit). megatron's ``init_method`` is replaced by ``init_method_normal(std)``,
-    drawn through megatron-core's own initialisation (TP-invariant on the CPU path).
-    The bias is always returned unadded by the base class and added after the gate.
+    ``matrix`` names the gated matrix: ``"qkv"`` (q, k, v gates), ``"ffn_in"`` (two
+    gates under a gated linear unit), ``"attention_output"`` or ``"ffn_out"``.
+    megatron's ``init_method`` is replaced by ``init_method_normal(std)``, drawn through
+    megatron-core's own initialisation (TP-invariant on the CPU path). The base class
+    always returns the bias unadded; it is added after the gate.
     """
+
+    column_parallel: bool
+    gates_on_shard: bool  # whether the gate acts before the output gather/reduction
 
     def __init__(self, input_size: int, output_size: int, *, wesar: WeSaRConfig, matrix: str,
                  skip_bias_add: bool = False, **kwargs) -> None:
         kwargs.update(init_method=init_method_normal(wesar.std), skip_bias_add=True)
         super().__init__(input_size, output_size, **kwargs)
         self.wesar_adds_bias = not skip_bias_add
+        self.wesar_placement = wesar.placement
         tp_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
-        self.wesar = _column_gates(matrix, kwargs["config"], wesar, output_size, tp_group, self.weight.device)
-
-    def forward(self, x: torch.Tensor):
-        return _gated(self, *super().forward(x))
-
-
-class _RowGating:
-    """Mixin for a row-parallel linear (``matrix``: attention_output or ffn_out); see _ColumnGating."""
-
-    def __init__(self, input_size: int, output_size: int, *, wesar: WeSaRConfig, matrix: str,
-                 skip_bias_add: bool, **kwargs) -> None:
-        kwargs.update(init_method=init_method_normal(wesar.std), skip_bias_add=True)
-        super().__init__(input_size, output_size, **kwargs)
-        self.wesar_adds_bias = not skip_bias_add
-        tp_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
-        self.wesar = _row_gates(matrix, kwargs["config"], wesar, tp_group, self.weight.device)
-
-    def forward(self, x: torch.Tensor):
-        return _gated(self, *super().forward(x))
+        config, device = kwargs["config"], self.weight.device
+        if self.column_parallel:
+            self.wesar = _column_gates(matrix, config, wesar, output_size, tp_group, device)
+        else:
+            self.wesar = _row_gates(matrix, config, wesar, tp_group, device, self.gates_on_shard)
 
 
-class WeSaRColumnParallelLinear(_ColumnGating, ColumnParallelLinear):
-    """megatron-core's ``ColumnParallelLinear`` with WeSaR gates (also the gated LM head).
+class _ShardGating(_Gating):
+    """Gates megatron-core's local linears on this rank's shard, inside ``_forward_impl``."""
 
-    The gate is applied to the local output columns before any output gather.
-    """
+    gates_on_shard = True
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        gathered = get_pg_size(self.tp_group) if kwargs.get("sequence_parallel") else 1
+        if gate_on_weight(self.wesar_placement, input, weight, gathered):
+            # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
+            kwargs["gradient_accumulation_fusion"] = False
+            return super()._forward_impl(input, self.wesar.scale_weight(weight), *args, **kwargs)
+        return self.wesar.scale_output(super()._forward_impl(input, weight, *args, **kwargs))
+
+
+class _OutputGating(_Gating):
+    """Gates a linear's complete output in ``forward`` (Transformer Engine linears)."""
+
+    gates_on_shard = False
+
+    def forward(self, *args, **kwargs):
+        output, bias = super().forward(*args, **kwargs)
+        return _add_bias(self, self.wesar.scale_output(output), bias)
+
+
+class WeSaRColumnParallelLinear(_ShardGating, ColumnParallelLinear):
+    """megatron-core's ``ColumnParallelLinear`` with WeSaR gates (also the gated LM head)."""
+
+    column_parallel = True
 
     def forward(self, input_: torch.Tensor, weight: Optional[torch.Tensor] = None,
                 runtime_gather_output: Optional[bool] = None):
-        output, bias = _gated(self, *ColumnParallelLinear.forward(self, input_, weight, runtime_gather_output=False))
+        # The local bias is added before the output gather.
+        output, bias = _add_bias(self, *super().forward(input_, weight, runtime_gather_output=False))
         gather = self.gather_output if runtime_gather_output is None else runtime_gather_output
         if gather:
             output = gather_from_tensor_model_parallel_region(output, group=self.tp_group)
         return output, bias
 
     @classmethod
-    def gate_in_place(cls, layer: ColumnParallelLinear, gates: WeSaRGates) -> None:
+    def gate_in_place(cls, layer: ColumnParallelLinear, gates: WeSaRGates, cfg: WeSaRConfig) -> None:
         """Turn a built ``ColumnParallelLinear`` (GPTModel's output layer) into a gated one."""
         layer.__class__ = cls
         layer.wesar_adds_bias = not layer.skip_bias_add
+        layer.wesar_placement = cfg.placement
         layer.skip_bias_add = True
         layer.wesar = gates
 
 
-class WeSaRRowParallelLinear(_RowGating, RowParallelLinear):
+class WeSaRRowParallelLinear(_ShardGating, RowParallelLinear):
     """megatron-core's ``RowParallelLinear`` with a WeSaR gate."""
+
+    column_parallel = False
+
+    def forward(self, input_: torch.Tensor):
+        return _add_bias(self, *super().forward(input_))
 
 
 class WeSaRVocabParallelEmbedding(VocabParallelEmbedding):
     """megatron-core's ``VocabParallelEmbedding`` with a WeSaR gate on its output."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
-        return self.wesar(super().forward(input_))
+        return self.wesar.scale_output(super().forward(input_))
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
         sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
@@ -406,14 +447,20 @@ if importlib.util.find_spec("transformer_engine") is not None:  # pragma: no cov
         TERowParallelLinear,
     )
 
-    class WeSaRTEColumnParallelLinear(_ColumnGating, TEColumnParallelLinear):
+    class WeSaRTEColumnParallelLinear(_OutputGating, TEColumnParallelLinear):
         """Transformer Engine column-parallel linear with WeSaR gates."""
 
-    class WeSaRTELayerNormColumnParallelLinear(_ColumnGating, TELayerNormColumnParallelLinear):
+        column_parallel = True
+
+    class WeSaRTELayerNormColumnParallelLinear(_OutputGating, TELayerNormColumnParallelLinear):
         """Transformer Engine fused-norm column-parallel linear with WeSaR gates (norm not gated)."""
 
-    class WeSaRTERowParallelLinear(_RowGating, TERowParallelLinear):
+        column_parallel = True
+
+    class WeSaRTERowParallelLinear(_OutputGating, TERowParallelLinear):
         """Transformer Engine row-parallel linear with a WeSaR gate."""
+
+        column_parallel = False
 
     _GATED.update({
         TEColumnParallelLinear: WeSaRTEColumnParallelLinear,
@@ -535,7 +582,7 @@ def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig)
                                   reduce_grad=True, tp_group=tp_group)
     else:
         return
-    WeSaRColumnParallelLinear.gate_in_place(output, gates)
+    WeSaRColumnParallelLinear.gate_in_place(output, gates, cfg)
 
 
 # ---------------------------------------------------------------------------------------
@@ -572,10 +619,10 @@ def fold_gates(model_chunks: ModelChunks) -> None:
         for module in chunk.modules():
             gates = getattr(module, "wesar", None)
             if isinstance(gates, WeSaRGates) and getattr(module, "weight", None) is not None:
-                column_dim = 1 if isinstance(module, VocabParallelEmbedding) else 0
-                folds.append((gates, module.weight, column_dim))
-    for gates, weight, column_dim in folds:  # fold first: a tied gate is shared by two modules
-        gates.fold_into(weight, column_dim)
+                feature_dim = 1 if isinstance(module, VocabParallelEmbedding) else 0
+                folds.append((gates, module.weight, feature_dim))
+    for gates, weight, feature_dim in folds:  # fold first: a tied gate is shared by two modules
+        weight.copy_(gates.scale_weight(weight, feature_dim))
     for gate in gate_parameters(model_chunks).values():
         gate.fill_(1.0)
 

@@ -7,6 +7,7 @@ from driver_utils import byte_dataset, tiny_flags  # noqa: F401
 
 import pretrain_gpt
 from megatron_ext.training.arguments import ConfigError, parse_args, validate_args
+from megatron_ext.training.configs import extension_config
 from megatron_ext.training.distributed import detect_environment, expand_nodelist
 
 REJECTED = [
@@ -30,6 +31,7 @@ REJECTED = [
     (dict(prores_warmup=0, prores=True), 1, False, ["--prores-warmup"]),
     (dict(prores_schedule="equal"), 1, False, ["--prores-schedule", "without --prores"]),
     (dict(normformer_no_ffn_norm=True), 1, False, ["--normformer-no-ffn-norm", "without --normformer"]),
+    (dict(wesar_placement="weight"), 1, False, ["--wesar-placement", "without --wesar"]),
     (dict(sequence_parallel=True), 1, True, ["--sequence-parallel", "--tensor-model-parallel-size"]),
     (dict(sequence_parallel=True, tensor_model_parallel_size=2), 2, False, ["--sequence-parallel", "GPU path only"]),
     (dict(world=3), 3, False, ["world size 3"]),
@@ -69,6 +71,16 @@ def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset)
     args = parse_args(["--config", str(config), "--num-layers", "2"])
     assert (args.num_layers, args.hidden_size, args.prores, args.prores_schedule) == (2, 64, True, "equal")
     assert args.data_path == [byte_dataset]
+
+
+def test_method_options_reach_the_extension_config(byte_dataset):
+    args = parse_args(tiny_flags(byte_dataset) + ["--wesar", "--wesar-placement", "output", "--prores"])
+    validate_args(args, 1, False)
+    extensions = extension_config(args)
+    assert extensions.wesar.placement == "output" and extensions.prores.warmup == 1000
+    args = parse_args(tiny_flags(byte_dataset) + ["--wesar"])
+    validate_args(args, 1, False)
+    assert extension_config(args).wesar.placement == "auto"
 
 
 def test_command_line_switches_off_what_the_yaml_switches_on(tmp_path):

@@ -12,10 +12,12 @@ from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from model_utils import LLAMA_LIKE, batch, build, logits, tiny_config
+from op_census import pointwise_elements
 
 from megatron_ext import ExtensionConfig, NormFormerConfig
 from megatron_ext.model import build_layer_spec
 from megatron_ext.normformer import (
+    FFNNorm,
     FFNNormMixin,
     HeadScaleMixin,
     apply_to_layer_spec,
@@ -65,6 +67,30 @@ def test_ffn_norm_keeps_bf16_activations_with_fp32_statistics():
     assert out.dtype == torch.bfloat16
     ref = F.layer_norm(x.double(), (64,), weight.double(), bias.double(), 1e-5)
     torch.testing.assert_close(out.double(), ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
+def test_ffn_norm_without_tensor_parallelism_costs_what_torch_norm_costs(normalization):
+    """TP=1: the FFN norm is torch's fused norm (no extra elementwise passes), same numbers."""
+    config = tiny_config(normalization=normalization)
+    width = config.ffn_hidden_size
+    ours = FFNNorm(config, width, tp_group=None)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+    norm_class = torch.nn.RMSNorm if normalization == "RMSNorm" else torch.nn.LayerNorm
+    ref = norm_class(width, eps=config.layernorm_epsilon)
+    ref.load_state_dict(ours.state_dict())
+    x = torch.randn(32, 2, width, requires_grad=True)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=0)
+
+    def fresh() -> torch.Tensor:  # a new leaf each time: no gradient accumulation into x
+        return x.detach().requires_grad_()
+
+    census = {name: pointwise_elements(lambda: norm(fresh()).sum()).by_op for name, norm in (("ours", ours), ("ref", ref))}
+    assert census["ours"] == census["ref"]
+    custom = pointwise_elements(lambda: sharded_width_norm(
+        fresh(), ours.weight, ours.bias, width=width, eps=ours.eps, rms=ours.rms, group=None).sum())
+    assert custom.elements > 4 * x.numel()  # what the TP>1 formulation would cost here
 
 
 def _with_weights_of(model, source):

@@ -12,6 +12,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from model_utils import LLAMA_LIKE, SEQ, VOCAB, batch, build, forward_loss, logits, tiny_config
+from op_census import pointwise_elements
 
 from megatron_ext import ExtensionConfig, ProResConfig
 from megatron_ext.model import local_layer_spec
@@ -65,6 +66,7 @@ def gated_blocks(model):
 
 @pytest.mark.parametrize("bad, message", [
     (dict(std=0.0), "std must be > 0"),
+    (dict(placement="input"), "unknown WeSaR placement 'input'"),
     (dict(backbone="xavier"), "unknown WeSaR backbone 'xavier'"),
     (dict(gate_weight_decay=-0.1), "gate_weight_decay must be >= 0"),
     (dict(gate_lr_mult=0.0), "gate_lr_mult must be > 0"),
@@ -98,15 +100,16 @@ def test_init_follows_target_table(shape, backbone):
     assert kinds == {"embedding", "query", "key", "value", "attention_output", "ffn_out"} | fc1 | head
 
 
+@pytest.mark.parametrize("placement", ["weight", "output"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_gated_model_is_megatron_gpt_with_folded_weights(shape):
+def test_gated_model_is_megatron_gpt_with_folded_weights(shape, placement):
     """At init the gated model equals megatron's own GPT holding gate * base weights.
 
     fold_gates leaves the function unchanged, sets every gate to 1 and its state dict,
     gates dropped, loads strictly into GPTModel over megatron's local layer spec.
     """
-    config, gated = wesar_model(shape)
-    _, folded = wesar_model(shape)
+    config, gated = wesar_model(shape, WeSaRConfig(placement=placement))
+    _, folded = wesar_model(shape, WeSaRConfig(placement=placement))
     data = batch()
     with torch.no_grad():
         expected = logits(gated, data)
@@ -119,6 +122,39 @@ def test_gated_model_is_megatron_gpt_with_folded_weights(shape):
         assert not torch.allclose(logits(plain, data), expected, atol=1e-3)
         plain.load_state_dict(without_gates(folded.state_dict()))
         torch.testing.assert_close(logits(plain, data), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gates_on_weights_and_on_outputs_give_the_same_loss_and_gradients(shape):
+    """Same math, different order of operations: compared in float64 (gates stay fp32)."""
+    models = {p: wesar_model(shape, WeSaRConfig(placement=p))[1].double() for p in ("weight", "output")}
+    data = batch(seed=5)
+    losses = {p: forward_loss(m, data) for p, m in models.items()}
+    assert float(losses["weight"]) == pytest.approx(float(losses["output"]), rel=1e-12)
+    for loss in losses.values():
+        loss.backward()
+    params = {p: dict(m.named_parameters()) for p, m in models.items()}
+    assert len(gate_parameters(models["weight"])) >= 4 * 6 + 1
+    for name, param in params["output"].items():
+        assert float(param.grad.abs().max()) > 0, name
+        torch.testing.assert_close(params["weight"][name].grad, param.grad, rtol=1e-5, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("placement, activation_sized", [("auto", False), ("weight", False), ("output", True)])
+def test_auto_placement_adds_no_activation_sized_work_when_tokens_outnumber_features(placement, activation_sized):
+    """A pretraining-like shape (more token rows than input features): the elements
+    WeSaR's multiplies write for fc1 (forward and backward) are weight-sized under
+    ``auto``, output-sized with the gates on the output (a*y, a*grad, grad*y)."""
+    config, model = wesar_model("gpt", WeSaRConfig(placement=placement))
+    fc1 = model.decoder.layers[0].mlp.linear_fc1
+    x = torch.randn(8 * config.hidden_size, 2, config.hidden_size, requires_grad=True)
+    output_elements = x.shape[0] * x.shape[1] * config.ffn_hidden_size
+    assert fc1.weight.numel() * 8 < output_elements
+    multiplied = pointwise_elements(lambda: fc1(x)[0].sum()).by_op["mul"]
+    if activation_sized:
+        assert multiplied >= 3 * output_elements
+    else:
+        assert 0 < multiplied <= 3 * fc1.weight.numel()
 
 
 def train(model, optimizer, steps: int) -> None:

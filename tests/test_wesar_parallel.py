@@ -10,24 +10,33 @@ from parallel_checks import wesar_tp_step
 from megatron_ext import ExtensionConfig
 from megatron_ext.wesar import WeSaRConfig
 
-WESAR = ExtensionConfig(wesar=WeSaRConfig(gate_weight_decay=0.01, gate_lr_mult=2.0))
 SP = {"sequence_parallel": True}
 UNTIED = {"share_embeddings_and_output_weights": False}
 
-# name -> (config overrides, gpt_model kwargs)
+
+def wesar(placement: str) -> ExtensionConfig:
+    return ExtensionConfig(wesar=WeSaRConfig(gate_weight_decay=0.01, gate_lr_mult=2.0, placement=placement))
+
+
+# name -> (extensions, config overrides, gpt_model kwargs). The tiny shapes have fewer
+# token rows than input features, so "auto" gates outputs; "weight" forces the other path.
 CASES = {
-    "llama-like GQA": (LLAMA_LIKE, UNTIED),
-    "gpt tied": ({}, {}),
-    "llama-like MQA (groups < TP)": ({**LLAMA_LIKE, "num_query_groups": 1}, UNTIED),
-    "gpt tied, sequence parallel": (SP, {}),
-    "llama-like GQA, rope, sequence parallel": ({**LLAMA_LIKE, **SP}, {**UNTIED, "position_embedding_type": "rope"}),
+    "llama-like GQA": (wesar("auto"), LLAMA_LIKE, UNTIED),
+    "gpt tied": (wesar("auto"), {}, {}),
+    "llama-like MQA (groups < TP)": (wesar("auto"), {**LLAMA_LIKE, "num_query_groups": 1}, UNTIED),
+    "gpt tied, sequence parallel": (wesar("auto"), SP, {}),
+    "llama-like GQA, rope, sequence parallel": (
+        wesar("auto"), {**LLAMA_LIKE, **SP}, {**UNTIED, "position_embedding_type": "rope"}),
+    "gates on weights: llama-like GQA": (wesar("weight"), LLAMA_LIKE, UNTIED),
+    "gates on weights: gpt tied, sequence parallel": (wesar("weight"), SP, {}),
+    "gates on weights: llama-like MQA, sequence parallel": (
+        wesar("weight"), {**LLAMA_LIKE, **SP, "num_query_groups": 1}, UNTIED),
 }
 
 
 @pytest.fixture(scope="module")
 def per_rank():
-    cases = [(WESAR, overrides, kwargs) for overrides, kwargs in CASES.values()]
-    return run_distributed(wesar_tp_step, 2, cases)
+    return run_distributed(wesar_tp_step, 2, list(CASES.values()))
 
 
 @pytest.mark.parametrize("index, case", list(enumerate(CASES)))

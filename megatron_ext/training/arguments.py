@@ -15,7 +15,7 @@ import yaml
 
 from megatron_ext.data.tokenizers import TOKENIZER_TYPES
 from megatron_ext.prores import SCHEDULES
-from megatron_ext.wesar import BACKBONES
+from megatron_ext.wesar import BACKBONES, PLACEMENTS
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
 DEVICES = ("auto", "cpu", "cuda")
@@ -27,7 +27,7 @@ METHOD_SUBFLAG_DEFAULTS = {
     "prores": {"prores_schedule": "linear", "prores_warmup": 1000},
     "wesar": {
         "wesar_std": 0.006325, "wesar_backbone": "he", "wesar_gate_weight_decay": 0.0,
-        "wesar_gate_lr_mult": 1.0, "wesar_exclude_gates_from_clip": False,
+        "wesar_gate_lr_mult": 1.0, "wesar_exclude_gates_from_clip": False, "wesar_placement": "auto",
     },
     "normformer": {
         "normformer_no_head_scale": False, "normformer_no_post_attention_norm": False,
@@ -155,6 +155,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wesar-gate-weight-decay", type=float, default=None, help="default 0")
     g.add_argument("--wesar-gate-lr-mult", type=float, default=None, help="default 1")
     g.add_argument("--wesar-exclude-gates-from-clip", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--wesar-placement", choices=PLACEMENTS, default=None,
+                   help="multiply gates into the weights, onto the matmul outputs, or (auto, default) "
+                        "whichever is smaller per call")
 
     g = p.add_argument_group("NormFormer")
     g.add_argument("--normformer", action=argparse.BooleanOptionalAction, default=False, help="head scale, post-attention norm and FFN norm")

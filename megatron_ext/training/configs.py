@@ -64,6 +64,7 @@ def extension_config(args: argparse.Namespace) -> ExtensionConfig:
         wesar = WeSaRConfig(
             std=args.wesar_std, backbone=args.wesar_backbone, gate_weight_decay=args.wesar_gate_weight_decay,
             gate_lr_mult=args.wesar_gate_lr_mult, exclude_gates_from_clip=bool(args.wesar_exclude_gates_from_clip),
+            placement=args.wesar_placement,
         )
     if args.normformer:
         normformer = NormFormerConfig(
