@@ -33,6 +33,7 @@ METHOD_FLAGS: dict[str, tuple[str, ...]] = {
     "baseline": (),
     "prores": ("--prores",),
     "wesar": ("--wesar",),
+    "wesar-on-outputs": ("--wesar", "--wesar-placement", "output"),  # gates on matmul outputs, for comparison
     "normformer": ("--normformer",),
     "all": ("--prores", "--wesar", "--normformer"),
 }

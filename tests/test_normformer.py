@@ -12,7 +12,6 @@ from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
 from model_utils import LLAMA_LIKE, batch, build, logits, tiny_config
-from op_census import pointwise_elements
 
 from megatron_ext import ExtensionConfig, NormFormerConfig
 from megatron_ext.model import build_layer_spec
@@ -26,6 +25,7 @@ from megatron_ext.normformer import (
     sharded_width_norm,
 )
 from megatron_ext.norms import TorchNorm
+from megatron_ext.op_census import census_of
 
 pytestmark = pytest.mark.usefixtures("parallel1")
 
@@ -71,7 +71,7 @@ def test_ffn_norm_keeps_bf16_activations_with_fp32_statistics():
 
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
 def test_ffn_norm_without_tensor_parallelism_costs_what_torch_norm_costs(normalization):
-    """TP=1: the FFN norm is torch's fused norm (no extra elementwise passes), same numbers."""
+    """TP=1: the FFN norm runs exactly torch's norm ops (on a GPU one fused kernel each way), same numbers."""
     config = tiny_config(normalization=normalization)
     width = config.ffn_hidden_size
     ours = FFNNorm(config, width, tp_group=None)
@@ -86,11 +86,8 @@ def test_ffn_norm_without_tensor_parallelism_costs_what_torch_norm_costs(normali
     def fresh() -> torch.Tensor:  # a new leaf each time: no gradient accumulation into x
         return x.detach().requires_grad_()
 
-    census = {name: pointwise_elements(lambda: norm(fresh()).sum()).by_op for name, norm in (("ours", ours), ("ref", ref))}
+    census = {name: census_of(lambda: norm(fresh()).sum()).written for name, norm in (("ours", ours), ("ref", ref))}
     assert census["ours"] == census["ref"]
-    custom = pointwise_elements(lambda: sharded_width_norm(
-        fresh(), ours.weight, ours.bias, width=width, eps=ours.eps, rms=ours.rms, group=None).sum())
-    assert custom.elements > 4 * x.numel()  # what the TP>1 formulation would cost here
 
 
 def _with_weights_of(model, source):

@@ -12,10 +12,10 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from model_utils import LLAMA_LIKE, SEQ, VOCAB, batch, build, forward_loss, logits, tiny_config
-from op_census import pointwise_elements
 
 from megatron_ext import ExtensionConfig, ProResConfig
 from megatron_ext.model import local_layer_spec
+from megatron_ext.op_census import census_of
 from megatron_ext.parallel import cpu_manual_seed
 from megatron_ext.prores import set_prores_step
 from megatron_ext.wesar import (
@@ -150,7 +150,7 @@ def test_auto_placement_adds_no_activation_sized_work_when_tokens_outnumber_feat
     x = torch.randn(8 * config.hidden_size, 2, config.hidden_size, requires_grad=True)
     output_elements = x.shape[0] * x.shape[1] * config.ffn_hidden_size
     assert fc1.weight.numel() * 8 < output_elements
-    multiplied = pointwise_elements(lambda: fc1(x)[0].sum()).by_op["mul"]
+    multiplied = census_of(lambda: fc1(x)[0].sum()).written["mul"]
     if activation_sized:
         assert multiplied >= 3 * output_elements
     else:
