@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +130,20 @@ def train_iteration(engine, batches: Iterator) -> StepResult:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def start_logging() -> None:
+    """INFO messages of the benchmark on stderr; megatron-core's only from WARNING."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+
+
+def write_report(path: Path, report: dict) -> None:
+    """``report`` as indented JSON at ``path``, written to a temporary name and renamed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(report, indent=2) + "\n")
+    partial.replace(path)
 
 
 def free_memory() -> None:

@@ -152,8 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    harness.start_logging()
     shape = harness.Shape(**{**vars(LAYER_TINY if args.tiny else LAYER_13B), "micro_batch_size": args.micro_batch_size})
     if len(set(args.layers)) < 2 or min(args.layers) < 1:
         raise SystemExit("--layers needs at least two distinct counts >= 1")
@@ -186,8 +185,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             report["layouts_13b"] = extrapolate(corrections, args.configs, args.num_gpus)
         finally:
             shutdown(created)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_report(args.output, report)
     return 0
 
 

@@ -19,7 +19,6 @@ few composite ops decompose differently on a GPU); the methods' own ops are the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import tempfile
@@ -104,8 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    harness.start_logging()
     if not 0 < args.mfu <= 1:
         raise SystemExit(f"--mfu must be in (0, 1], got {args.mfu}")
     if "baseline" not in args.variants:
@@ -130,10 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {"mfu": args.mfu, "peak_tflops": args.peak_tflops, "bandwidth_tbs": args.bandwidth_tbs,
               "bytes_per_element": BYTES_PER_ELEMENT, "torch": torch.__version__,
               "shapes": {s.name: vars(s) for s in shapes}, "results": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    tmp_output = args.output.with_suffix(args.output.suffix + ".tmp")
-    tmp_output.write_text(json.dumps(report, indent=2) + "\n")
-    tmp_output.replace(args.output)
+    harness.write_report(args.output, report)
     print(markdown(results, args.mfu, args.peak_tflops, args.bandwidth_tbs))
     return 0
 

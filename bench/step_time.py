@@ -18,7 +18,6 @@ the same process, and the overhead ``median / median(baseline) - 1``.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -113,8 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    logging.getLogger("megatron").setLevel(logging.WARNING)
+    harness.start_logging()
     table = TINY_SHAPES if args.tiny else SHAPES
     names = args.shapes or list(table)
     unknown = [n for n in names if n not in table]
@@ -156,8 +154,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "warmup": args.warmup, "timed_iterations": args.iters,
         "shapes": {s.name: vars(s) for s in shapes}, "results": results,
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    harness.write_report(args.output, report)
     print(markdown(results, ceiling))
     return 0
 
