@@ -24,6 +24,7 @@ import torch
 
 from megatron_ext import prores
 from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.files import write_atomically
 from megatron_ext.training import setup
 from megatron_ext.training.arguments import parse_args, validate_args
 from megatron_ext.training.configs import extension_config
@@ -140,10 +141,7 @@ def start_logging() -> None:
 
 def write_report(path: Path, report: dict) -> None:
     """``report`` as indented JSON at ``path``, written to a temporary name and renamed."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_text(json.dumps(report, indent=2) + "\n")
-    partial.replace(path)
+    write_atomically(path, (json.dumps(report, indent=2) + "\n").encode("utf-8"))
 
 
 def free_memory() -> None:

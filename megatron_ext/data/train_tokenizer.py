@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
 from megatron_ext.data.corpus import BadLines, Document, expand_inputs, iter_documents
+from megatron_ext.files import write_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -113,21 +114,6 @@ def _trainer_options(config: TokenizerTrainingConfig) -> dict:
     )
 
 
-def _write_atomically(path: str, data: bytes) -> None:
-    """Write ``data`` to a hidden temporary file beside ``path``, then rename it."""
-    directory, name = os.path.split(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    tmp = os.path.join(directory, f".{name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as out:
-            out.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingStats:
     """Sample the corpus, train SentencePiece, write ``<prefix>.model``/``.vocab`` atomically."""
     import sentencepiece
@@ -156,6 +142,6 @@ def train_tokenizer(config: TokenizerTrainingConfig) -> TrainingStats:
     processor = sentencepiece.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{processor.id_to_piece(i)}\t{processor.get_score(i):g}\n" for i in range(processor.vocab_size()))
     final = {ext: f"{config.model_prefix}.{ext}" for ext in ("vocab", "model")}
-    _write_atomically(final["vocab"], vocab.encode("utf-8"))
-    _write_atomically(final["model"], model.getvalue())  # last: its presence means a complete pair
+    write_atomically(final["vocab"], vocab.encode("utf-8"))
+    write_atomically(final["model"], model.getvalue())  # last: its presence means a complete pair
     return TrainingStats(n_docs, seen, len(sample), bad_lines.count, final["model"], final["vocab"])
