@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shlex
 import statistics
 import sys
 import tempfile
@@ -51,9 +52,10 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 def time_variant(shape: harness.Shape, variant: str, data_prefix: Path, device: str, warmup: int,
-                 iters: int) -> dict:
+                 iters: int, extra_flags: Sequence[str] = ()) -> dict:
     """Median and spread of ``iters`` timed iterations of one shape and variant."""
     flags = shape.flags() + ["--train-iters", str(warmup + iters)] + list(harness.METHOD_FLAGS[variant])
+    flags += list(extra_flags)
     args = harness.driver_args(flags, data_prefix, device)
     vocab = padded_vocab_size(harness.GPT2_VOCAB_SIZE, args.make_vocab_size_divisible_by)
     engine, batches = harness.build_run(args, vocab)
@@ -106,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--warmup", type=int, default=10, help="untimed iterations per variant")
     parser.add_argument("--iters", type=int, default=30, help="timed iterations per variant")
     parser.add_argument("--ceiling-size", type=int, default=8192, help="n of the n^3 matmul ceiling")
+    parser.add_argument("--extra-flags", default="",
+                        help="pretrain_gpt.py flags added to every variant, one quoted string, "
+                             "given with '=', e.g. --extra-flags='--no-bias-dropout-fusion --no-bias-gelu-fusion'")
     parser.add_argument("--output", type=Path, required=True, help="JSON file of the results")
     return parser
 
@@ -139,7 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for shape in shapes:
                 results[shape.name] = {}
                 for variant in args.variants:
-                    r = time_variant(shape, variant, data, args.device, args.warmup, args.iters)
+                    r = time_variant(shape, variant, data, args.device, args.warmup, args.iters,
+                                     shlex.split(args.extra_flags))
                     r["mfu"] = r["model_tflops"] / ceiling
                     results[shape.name][variant] = r
                     logger.info("%s %s: %.2f ms/iteration", shape.name, variant, r["ms_per_iteration"])
@@ -151,7 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {
         "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
         "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
-        "warmup": args.warmup, "timed_iterations": args.iters,
+        "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
         "shapes": {s.name: vars(s) for s in shapes}, "results": results,
     }
     harness.write_report(args.output, report)

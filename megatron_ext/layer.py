@@ -3,15 +3,19 @@
 The methods plug into the layer through three optional submodules of
 :class:`ExtTransformerLayerSubmodules`, each built with megatron-core's ``build_module``:
 
-* ``branch_scale``: called as ``scale(output, bias) -> (output, bias)`` on both branch
-  outputs before the residual add (ProRes' a(l, t)); built with ``layer_number``.
+* ``branch_scale``: a module whose ``scale_factor()`` multiplies both branch outputs
+  (bias included) before dropout and the residual add (ProRes' a(l, t)); built with
+  ``layer_number``.
 * ``post_attention_norm``: a norm on the attention branch output after the output
   projection and its bias, before dropout and the residual add (NormFormer).
-* ``mlp_skip_scale``: a module applied to the skip path of the MLP sublayer
-  (NormFormer's residual scale).
+* ``mlp_skip_scale``: a module whose ``scale_factor()`` multiplies the skip path of the
+  MLP sublayer (NormFormer's residual scale).
 
-With all three unset the layer computes exactly what ``TransformerLayer`` computes:
-the bias-dropout-add callables are left untouched.
+Both scale factors go INTO megatron's bias-dropout-add: with ``bias_dropout_fusion``
+(``--bias-dropout-fusion``) the layer's add is one kernel compiled with megatron-core's
+``jit_fuser``, scales included, so they cost no memory traffic of their own. With all
+three unset the layer computes exactly what ``TransformerLayer`` computes: the
+bias-dropout-add callables are left untouched.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, fields
 from typing import Callable, Optional, Union
 
 import torch
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.jit import jit_fuser
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -43,40 +49,65 @@ class ExtTransformerLayerSubmodules(TransformerLayerSubmodules):
         return cls(**{f.name: getattr(base, f.name) for f in fields(TransformerLayerSubmodules)})
 
 
-class BranchBiasDropoutAdd:
-    """``residual' + dropout(scale(norm(out + bias)))`` around megatron's bias-dropout-add.
+def scaled_bias_dropout_add(
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: torch.Tensor,
+    branch_scale: Optional[torch.Tensor],
+    skip_scale: Optional[torch.Tensor],
+    prob: float,
+    training: bool,
+) -> torch.Tensor:
+    """``skip_scale * residual + dropout(branch_scale * (x + bias))``; ``None`` terms are left out.
 
-    ``bda_factory(training, fused)`` is megatron-core's ``get_bias_dropout_add``; the
-    layer calls this object the same way, so fusion and dropout stay megatron's.
+    megatron's bias-dropout-add with the two scales of the residual branches; the result
+    has ``x``'s dtype (a half-precision ``x`` is not promoted by a 0-d fp32 scale).
+    """
+    if bias is not None:
+        x = x + bias
+    if branch_scale is not None:
+        x = x * branch_scale
+    if skip_scale is not None:
+        residual = residual * skip_scale
+    return residual.to(x.dtype) + torch.nn.functional.dropout(x, p=prob, training=training)
+
+
+fused_scaled_bias_dropout_add = jit_fuser(scaled_bias_dropout_add)
+
+
+class BranchBiasDropoutAdd:
+    """``skip * residual + dropout(scale * norm(out + bias))`` in place of megatron's bias-dropout-add.
+
+    The layer calls this object as it calls megatron's ``get_bias_dropout_add(training,
+    fused)``: ``fused`` selects :data:`fused_scaled_bias_dropout_add` (one compiled
+    kernel) over the eager :func:`scaled_bias_dropout_add`.
     """
 
     def __init__(
         self,
-        bda_factory: Callable,
         branch_norm: Optional[torch.nn.Module] = None,
         branch_scale: Optional[torch.nn.Module] = None,
         skip_scale: Optional[torch.nn.Module] = None,
     ) -> None:
-        self.bda_factory = bda_factory
         self.branch_norm = branch_norm
         self.branch_scale = branch_scale
         self.skip_scale = skip_scale
 
     def __call__(self, training: bool, fused: bool) -> Callable:
-        bda = self.bda_factory(training, fused)
+        add = fused_scaled_bias_dropout_add if fused else scaled_bias_dropout_add
 
         def bias_dropout_add(x_with_bias, residual: torch.Tensor, prob: float) -> torch.Tensor:
             out, bias = x_with_bias
             if self.branch_norm is not None:
                 out = self.branch_norm(out if bias is None else out + bias)
                 bias = None
-            if self.branch_scale is not None:
-                out, bias = self.branch_scale(out, bias)
-            if self.skip_scale is not None:
-                residual = self.skip_scale(residual)
-            return bda((out, bias), residual, prob)
+            return add(out, bias, residual, _factor(self.branch_scale), _factor(self.skip_scale), prob, training)
 
         return bias_dropout_add
+
+
+def _factor(scale: Optional[torch.nn.Module]) -> Optional[torch.Tensor]:
+    return None if scale is None else scale.scale_factor()
 
 
 class ExtTransformerLayer(TransformerLayer):
@@ -88,14 +119,21 @@ class ExtTransformerLayer(TransformerLayer):
         self.branch_scale = self._build(submodules.branch_scale, config=config, layer_number=self.layer_number)
         self.post_attention_norm = self._build(submodules.post_attention_norm, **norm_kwargs)
         self.mlp_skip_scale = self._build(submodules.mlp_skip_scale, config=config)
+        hooked = (self.branch_scale, self.post_attention_norm, self.mlp_skip_scale)
+        if any(hook is not None for hook in hooked):
+            self._check_bias_dropout_add()
         if self.branch_scale is not None or self.post_attention_norm is not None:
-            self.self_attn_bda = BranchBiasDropoutAdd(
-                self.self_attn_bda, self.post_attention_norm, self.branch_scale
-            )
+            self.self_attn_bda = BranchBiasDropoutAdd(self.post_attention_norm, self.branch_scale)
         if self.branch_scale is not None or self.mlp_skip_scale is not None:
-            self.mlp_bda = BranchBiasDropoutAdd(
-                self.mlp_bda, None, self.branch_scale, self.mlp_skip_scale
-            )
+            self.mlp_bda = BranchBiasDropoutAdd(None, self.branch_scale, self.mlp_skip_scale)
+
+    def _check_bias_dropout_add(self) -> None:
+        for name in ("self_attn_bda", "mlp_bda"):
+            if getattr(self, name) is not get_bias_dropout_add:
+                raise NotImplementedError(
+                    f"the residual-branch hooks replace megatron's get_bias_dropout_add; this layer "
+                    f"spec's {name} is {getattr(self, name)!r}"
+                )
 
     @staticmethod
     def _build(spec: SubmoduleSpec, **kwargs) -> Optional[torch.nn.Module]:

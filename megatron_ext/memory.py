@@ -284,9 +284,33 @@ def layer_activation_bytes(model: ModelShape, layout: Layout) -> float:
         total = (replicated + split) / t
     else:
         total = replicated + split / t
+    total += 2 * scaled_linear_saved_elements(model, layout)
     if not layout.flash_attention:
         total += 5 * model.num_attention_heads * s * s * b / t
     return total
+
+
+def scaled_linear_saved_elements(model: ModelShape, layout: Layout) -> int:
+    """Elements one layer saves for the backward because of scales on its linears (per TP rank).
+
+    A per-feature scale (WeSaR's gates on all four linears, NormFormer's head scale on
+    W^O's input) is folded into the weight or applied to an activation, whichever is
+    smaller (``--wesar-placement auto``, :mod:`megatron_ext.linear_scaling`); either way the
+    product is saved for the backward: the effective weight or the scaled activation.
+    """
+    rows = model.seq_length * layout.micro_batch_size
+    t = layout.tensor_model_parallel_size
+    h, f = model.hidden_size, model.ffn_size
+    query = model.kv_channels * model.num_attention_heads
+    qkv = query + 2 * model.kv_channels * model.query_groups
+    fc1 = 2 * f if model.swiglu else f
+    count = 0
+    if model.wesar:  # (input features, output features) of qkv, proj, fc1, fc2 on this rank; gates on outputs
+        for inputs, outputs in ((h, qkv // t), (query // t, h), (h, fc1 // t), (f // t, h)):
+            count += min(inputs * outputs, rows * outputs)
+    if model.normformer_head_scale:  # on W^O's input
+        count += min(h * query // t, rows * query // t)
+    return count
 
 
 def inflight_layer_microbatches(model: ModelShape, layout: Layout) -> float:

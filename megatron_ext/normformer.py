@@ -7,8 +7,9 @@ With every part on, a layer computes (METHODS.md section 3)::
 
 * Head scale (paper section 3): one learned scalar per attention head, initialised to 1,
   multiplying that head's output BEFORE the output projection W^O (the paper's form;
-  fairseq's ``--scale-heads`` applies it after W^O). Under tensor parallelism the vector
-  is partitioned with the heads.
+  fairseq's ``--scale-heads`` applies it after W^O). It is folded into W^O's columns,
+  ``W^O diag(s)``, where that is cheaper (:class:`FoldedHeadScaleMixin`). Under tensor
+  parallelism the vector is partitioned with the heads.
 * Post-attention norm: the model's norm (LayerNorm or RMSNorm) on the attention output
   after W^O and its bias, before dropout and the residual add.
 * FFN norm: the model's norm after fc1's activation (after the gated product under
@@ -18,7 +19,7 @@ With every part on, a layer computes (METHODS.md section 3)::
 * Residual scale ``lambda`` (off by default): a learned per-channel vector, initialised
   to 1, on the FFN sublayer's skip path.
 
-The head scale and the FFN norm wrap whatever core attention and fc2 classes the layer
+The head scale and the FFN norm wrap whatever linear_proj and fc2 classes the layer
 spec holds (megatron's, Transformer Engine's, or WeSaR's gated linears); the other two
 parts use the hooks of :class:`~megatron_ext.layer.ExtTransformerLayer`.
 """
@@ -33,6 +34,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -43,6 +45,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide
 
+from megatron_ext.linear_scaling import scale_on_weight
 from megatron_ext.norms import TorchNorm
 
 logger = logging.getLogger(__name__)
@@ -247,37 +250,64 @@ class FFNNormMixin:
 
 
 # ---------------------------------------------------------------------------------------
-# Head scale, residual scale.
+# Head scale (on the attention output projection), residual scale.
 # ---------------------------------------------------------------------------------------
 
 
 class HeadScaleMixin:
-    """Mixed in front of a core attention class: each head's output times a learned scalar.
+    """Mixed in front of the attention output projection W^O (a row-parallel linear).
 
-    The core attention returns ``[sq, b, np * hn]`` (``[t, np * hn]`` for packed
-    sequences) with this rank's ``np`` heads; ``head_scale`` has shape ``[np]``, init 1,
-    and is partitioned over TP with the heads (``partition_dim=0``).
+    NormFormer's head scale (paper section 3) multiplies head ``h``'s attention output by
+    a learned ``s_h`` (init 1) before W^O. W^O's input features are the heads' outputs
+    side by side, so ``W^O (s * heads) = (W^O diag(s)) heads``: the scale is one per
+    input column of W^O, ``s_h`` repeated over head ``h``'s ``kv_channels`` columns.
+    ``head_scale`` has this rank's ``[np]`` heads and is partitioned over TP with them
+    (``partition_dim=0``), as W^O's input columns are.
+
+    Two forms: :class:`FoldedHeadScaleMixin` (megatron-core's local linears) and
+    :class:`InputHeadScaleMixin` (any other linear, e.g. Transformer Engine's).
     """
 
-    def __init__(self, *args, config: TransformerConfig, **kwargs) -> None:
-        super().__init__(*args, config=config, **kwargs)
+    def __init__(self, input_size: int, output_size: int, *args, config: TransformerConfig, **kwargs) -> None:
+        super().__init__(input_size, output_size, *args, config=config, **kwargs)
+        self.head_dim = divide(input_size, config.num_attention_heads)
         heads = divide(config.num_attention_heads, config.tensor_model_parallel_size)
         self.head_scale = torch.nn.Parameter(
             torch.ones(heads, device=_param_device(config), dtype=config.params_dtype)
         )
         set_tensor_model_parallel_attributes(self.head_scale, is_parallel=True, dim=0, stride=1)
 
-    def forward(self, *args, **kwargs) -> torch.Tensor:
-        out = super().forward(*args, **kwargs)
-        heads = out.view(*out.shape[:-1], self.head_scale.numel(), -1)
-        return (heads * self.head_scale.to(out.dtype).unsqueeze(-1)).view(out.shape)
+    def column_scale(self, dtype: torch.dtype) -> torch.Tensor:
+        """``s_h`` for each of this rank's input columns of W^O: ``[np * kv_channels]``."""
+        return self.head_scale.to(dtype).repeat_interleave(self.head_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        own = {"head_scale": self.head_scale}
-        sharded.update(_tp_sharded_state_dict(own, prefix, sharded_offsets, metadata))
-        return sharded
+        own = _tp_sharded_state_dict({"head_scale": self.head_scale}, prefix, sharded_offsets, metadata)
+        return _replace_sharded(super().sharded_state_dict(prefix, sharded_offsets, metadata), f"{prefix}head_scale", own)
+
+
+class FoldedHeadScaleMixin(HeadScaleMixin):
+    """The head scale folded into W^O's columns, ``x (W^O diag(s))^T``, inside megatron's ``_forward_impl``.
+
+    Used whenever the weight is the smaller tensor (more token rows than W^O has output
+    features, see :mod:`megatron_ext.linear_scaling`): the scale then costs no activation-sized kernel
+    and no saved activation; else it multiplies the input.
+    """
+
+    def _forward_impl(self, input, weight, *args, **kwargs):
+        if scale_on_weight(input, weight, weight.shape[1]):
+            # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
+            kwargs["gradient_accumulation_fusion"] = False
+            return super()._forward_impl(input, weight * self.column_scale(weight.dtype), *args, **kwargs)
+        return super()._forward_impl(input * self.column_scale(input.dtype), weight, *args, **kwargs)
+
+
+class InputHeadScaleMixin(HeadScaleMixin):
+    """The head scale on W^O's input, ``(s * heads) W^O^T``: for linears without ``_forward_impl`` (TE)."""
+
+    def forward(self, input_: torch.Tensor, *args, **kwargs):
+        return super().forward(input_ * self.column_scale(input_.dtype), *args, **kwargs)
 
 
 class ResidualScale(torch.nn.Module):
@@ -295,8 +325,9 @@ class ResidualScale(torch.nn.Module):
         )
         self.weight.sequence_parallel = config.sequence_parallel
 
-    def forward(self, residual: torch.Tensor) -> torch.Tensor:
-        return residual * self.weight
+    def scale_factor(self) -> torch.Tensor:
+        """``lambda``; the layer multiplies the skip path by it inside its bias-dropout-add."""
+        return self.weight
 
 
 # ---------------------------------------------------------------------------------------
@@ -353,8 +384,10 @@ def apply_to_layer_spec(spec: ModuleSpec, config: TransformerConfig, cfg: NormFo
     attention, mlp = layer.self_attention, layer.mlp
     updates = {}
     if cfg.head_scale:
-        core = _with_mixin(attention.submodules.core_attention, HeadScaleMixin, "core_attention")
-        submodules = replace(attention.submodules, core_attention=core)
+        proj = attention.submodules.linear_proj
+        proj_class = proj.module if isinstance(proj, ModuleSpec) else proj
+        mixin = FoldedHeadScaleMixin if issubclass(proj_class, RowParallelLinear) else InputHeadScaleMixin
+        submodules = replace(attention.submodules, linear_proj=_with_mixin(proj, mixin, "linear_proj"))
         updates["self_attention"] = replace(attention, submodules=submodules)
     if cfg.post_attention_norm:
         updates["post_attention_norm"] = _post_attention_norm(attention.submodules.core_attention)
@@ -370,9 +403,9 @@ def normformer_parameters(model: GPTModel) -> list[torch.nn.Parameter]:
     """The parameters NormFormer added to this rank's part of ``model``."""
     params = []
     for layer in getattr(model.decoder, "layers", ()):
-        core, fc2 = layer.self_attention.core_attention, layer.mlp.linear_fc2
-        if isinstance(core, HeadScaleMixin):
-            params.append(core.head_scale)
+        proj, fc2 = layer.self_attention.linear_proj, layer.mlp.linear_fc2
+        if isinstance(proj, HeadScaleMixin):
+            params.append(proj.head_scale)
         if isinstance(fc2, FFNNormMixin):
             params.extend(fc2.ffn_norm.parameters())
         for hook in (layer.post_attention_norm, layer.mlp_skip_scale):

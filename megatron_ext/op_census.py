@@ -31,11 +31,16 @@ def _elements(values: Iterable) -> int:
     return sum(t.numel() for t in tree_leaves(values) if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
+def _is_batched_dot(name: str, out) -> bool:
+    """A ``bmm`` of 1 x 1 products is a batch of dot products: memory-bound, so it is counted."""
+    return name in ("bmm", "baddbmm") and isinstance(out, torch.Tensor) and tuple(out.shape[-2:]) == (1, 1)
+
+
 class OpCensus(TorchDispatchMode):
     """Per aten op name: elements written (``written``) and read (``read``).
 
-    Only ops that move memory are recorded: compute-bound ops (:data:`COMPUTE_BOUND_OPS`)
-    go to ``compute_bound`` instead; view ops and ops returning no tensor are skipped.
+    Only ops that move memory are recorded: compute-bound ops (:data:`COMPUTE_BOUND_OPS`,
+    except a ``bmm`` of dot products) go to ``compute_bound`` instead; view ops and ops returning no tensor are skipped.
     0-d tensors (scalars) are not counted.
     """
 
@@ -49,7 +54,7 @@ class OpCensus(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if name in COMPUTE_BOUND_OPS:
+        if name in COMPUTE_BOUND_OPS and not _is_batched_dot(name, out):
             self.compute_bound[name] += 1
         elif not func.is_view and any(isinstance(t, torch.Tensor) for t in tree_leaves(out)):
             self.written[name] += _elements(out)

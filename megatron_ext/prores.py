@@ -115,7 +115,7 @@ class ProResCheckpointMismatch(ValueError):
 
 
 class ProResScale(torch.nn.Module):
-    """Holds a(l, t) for one decoder layer and scales a residual branch by it.
+    """Holds a(l, t) for one decoder layer, the scale of both its residual branches.
 
     The scalar lives in a 0-d fp32 buffer updated in place by :meth:`set_step`, so a
     step update is one device-side fill: no host-device synchronisation and no
@@ -141,11 +141,10 @@ class ProResScale(torch.nn.Module):
         """Set the scalar to a(layer_number, step)."""
         self.alpha.fill_(prores_alpha(self.schedule, self.layer_number, step, self.num_layers, self.warmup))
 
-    def forward(
-        self, output: torch.Tensor, bias: Optional[torch.Tensor]
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Scale a branch output and its (not yet added) bias by a(l, t)."""
-        return output * self.alpha, None if bias is None else bias * self.alpha
+    def scale_factor(self) -> torch.Tensor:
+        """a(l, t) as a 0-d fp32 tensor; the layer multiplies both branch outputs (bias
+        included) by it inside its bias-dropout-add (:mod:`megatron_ext.layer`)."""
+        return self.alpha
 
     def _apply(self, fn, recurse=True):
         # Keep the scalar in fp32 when the model is cast to bf16/fp16 (Float16Module).

@@ -15,7 +15,8 @@ Where the gate is multiplied (``WeSaRConfig.placement``): into the weight, ``a_W
 (weight-sized elementwise work and saved tensor per micro-batch), or onto the matmul's
 output, ``a_W * (x W~^T)`` (output-sized). ``auto`` picks, per call, whichever is
 smaller: the weight when the matmul has more token rows than the weight has input
-columns (every pretraining shape), so the gate costs no activation-sized kernel.
+columns (every linear of the 125M to 1.3B examples; see :mod:`megatron_ext.linear_scaling`),
+so the gate costs no activation-sized kernel.
 
 Tensor parallelism: a gate is replicated on every TP rank. The local linears gate the
 rank's own shard inside megatron's ``_forward_impl`` (before any gather or reduction),
@@ -61,6 +62,8 @@ from megatron.core.utils import (
     init_method_normal,
     log_single_rank,
 )
+
+from megatron_ext.linear_scaling import scale_on_weight
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +187,33 @@ def _new_gate(value: float, device: torch.device) -> torch.nn.Parameter:
     return gate
 
 
+class _ScaleRows(torch.autograd.Function):
+    """``weight * scale[:, None]`` for a 2-D ``weight`` and a ``scale`` of its rows (or one value).
+
+    The backward computes the scale's gradient as one dot product per row,
+    ``d scale_i = <d W_eff_i, W_i>`` (``torch.dot`` for one value, a batched dot product
+    otherwise), instead of autograd's weight-sized product followed by a sum.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        return weight * scale.view(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        grad_weight = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad * scale.view(-1, 1)
+        if ctx.needs_input_grad[1]:
+            if scale.numel() == 1:
+                grad_scale = torch.dot(grad.reshape(-1), weight.reshape(-1)).view(1)
+            else:
+                grad_scale = torch.einsum("ij,ij->i", grad, weight)
+        return grad_weight, grad_scale
+
+
 class WeSaRGates(torch.nn.Module):
     """The gates of one linear or embedding.
 
@@ -230,9 +260,8 @@ class WeSaRGates(torch.nn.Module):
 
     def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
         """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
-        shape = [1] * weight.dim()
-        shape[feature_dim] = -1
-        return weight * self.feature_scale().to(weight.dtype).view(shape)
+        scale = self.feature_scale().to(weight.dtype)
+        return _ScaleRows.apply(weight.transpose(0, feature_dim), scale).transpose(0, feature_dim)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -327,8 +356,7 @@ def gate_on_weight(placement: str, input_: torch.Tensor, weight: torch.Tensor, g
     """
     if placement != "auto":
         return placement == "weight"
-    rows = input_.numel() // input_.shape[-1] * gathered_input
-    return weight.shape[1] < rows
+    return scale_on_weight(input_, weight, weight.shape[0], gathered_input)
 
 
 # ---------------------------------------------------------------------------------------

@@ -38,6 +38,11 @@ REJECTED = [
     (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
     (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
     (dict(num_layers=None), 1, False, ["--num-layers"]),
+    (dict(gradient_accumulation_fusion=True), 1, False, ["--gradient-accumulation-fusion", "GPU path only"]),
+    (dict(gradient_accumulation_fusion=True), 1, True, ["--gradient-accumulation-fusion", "fused_weight_gradient_mlp_cuda"]),
+    (dict(bias_gelu_fusion=True, swiglu=True), 1, True, ["--bias-gelu-fusion", "--bias-swiglu-fusion"]),
+    (dict(bias_gelu_fusion=True, disable_bias_linear=True), 1, False, ["--bias-gelu-fusion", "--disable-bias-linear"]),
+    (dict(bias_swiglu_fusion=True), 1, True, ["--bias-swiglu-fusion needs --swiglu"]),
 ]
 
 
@@ -63,6 +68,29 @@ def test_main_reports_a_config_error_before_any_compute(byte_dataset, capsys, mo
     code = pretrain_gpt.main(tiny_flags(byte_dataset, global_batch_size=6))
     assert code == pretrain_gpt.EXIT_CONFIG_ERROR
     assert "--global-batch-size 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
+@pytest.mark.parametrize("swiglu", [False, True], ids=["gelu", "swiglu"])
+def test_fusions_default_to_megatron_lm_on_cuda_and_off_on_the_cpu_path(byte_dataset, monkeypatch, cuda, swiglu):
+    import megatron_ext.training.arguments as arguments
+    from megatron_ext.training.configs import transformer_config
+
+    monkeypatch.setattr(arguments, "grad_accumulation_fusion_available", lambda: True)
+    args = parse_args(tiny_flags(byte_dataset, swiglu=swiglu or None))
+    validate_args(args, 1, cuda)
+    config = transformer_config(args)
+    assert config.bias_dropout_fusion is cuda and config.bias_activation_fusion is cuda
+    assert (args.bias_swiglu_fusion, args.bias_gelu_fusion) == ((cuda, False) if swiglu else (False, cuda))
+    assert config.gradient_accumulation_fusion is cuda
+    off = parse_args(tiny_flags(byte_dataset, swiglu=swiglu or None) + ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion",
+                                                                 "--no-bias-swiglu-fusion"])
+    validate_args(off, 1, cuda)
+    config = transformer_config(off)
+    assert not config.bias_dropout_fusion and not config.bias_activation_fusion
+    on = parse_args(tiny_flags(byte_dataset) + ["--bias-dropout-fusion"])  # compiled on the CPU too
+    validate_args(on, 1, False)
+    assert transformer_config(on).bias_dropout_fusion
 
 
 def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset):

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from model_utils import LLAMA_LIKE, SEQ, VOCAB, build, tiny_config
+from model_utils import LLAMA_LIKE, SEQ, VOCAB, batch, build, forward_loss, tiny_config
 from mp_utils import run_distributed
 
 from megatron_ext import ExtensionConfig, ProResConfig
@@ -185,3 +185,43 @@ def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, t
                       "--save", str(tmp_path / "checkpoints")])
     validate_args(args, world_size=8, use_cuda=True)
     assert args.data_parallel_size == 8 // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
+
+
+def saved_layer_elements(model: torch.nn.Module, data: dict) -> int:
+    """Elements the first decoder layer saves for the backward, parameters and buffers excluded,
+    each storage counted once."""
+    excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in excluded:
+            storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+        return tensor
+
+    hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
+    layer = model.decoder.layers[0]
+    layer.register_forward_pre_hook(lambda *args: hooks.__enter__())
+    layer.register_forward_hook(lambda *args: hooks.__exit__(None, None, None))
+    forward_loss(model, data)
+    return sum(storages.values())
+
+
+@pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("micro_batch", [1, 6, 16], ids=["on-activations", "mixed", "folded-into-weights"])
+@pytest.mark.parametrize("case", ["gpt+wesar", "gpt+head-scale"])
+def test_saved_elements_of_scaled_linears_match_a_built_layer(case, micro_batch):
+    """16 x micro-batch token rows against 64 / 128 input features: the estimator's choice between
+    saving the effective weight and the scaled activation is the one the layer makes."""
+    extensions = {
+        "gpt+wesar": ExtensionConfig(wesar=WeSaRConfig()),
+        "gpt+head-scale": ExtensionConfig(normformer=NormFormerConfig(post_attention_norm=False, ffn_norm=False)),
+    }[case]
+    data = batch(batch_size=micro_batch)
+    baseline = saved_layer_elements(build(tiny_config()), data)
+    measured = saved_layer_elements(build(tiny_config(), extensions), data) - baseline
+    shape = dataclasses.replace(shape_of("gpt"), wesar=case == "gpt+wesar", normformer_head_scale=case != "gpt+wesar")
+    expected = em.scaled_linear_saved_elements(shape, em.Layout(micro_batch_size=micro_batch))
+    config = tiny_config()
+    per_feature_scales = 3 * config.hidden_size + 2 * config.ffn_hidden_size  # the gate vectors themselves
+    assert expected <= measured <= expected + per_feature_scales

@@ -97,21 +97,3 @@ def test_te_backend_without_transformer_engine_is_a_clear_error():
         gpt_model(tiny_config(), ExtensionConfig(), vocab_size=VOCAB, max_sequence_length=SEQ, backend="te")
     with pytest.raises(ValueError, match="backend must be one of"):
         gpt_model(tiny_config(), ExtensionConfig(), vocab_size=VOCAB, max_sequence_length=SEQ, backend="cuda")
-
-
-def test_prores_step_update_needs_no_recompilation():
-    from torch._dynamo.testing import CompileCounter
-
-    from megatron_ext.prores import ProResScale, prores_alpha
-
-    scale = ProResScale(tiny_config(), layer_number=2, schedule="linear", warmup=4)
-    counter = CompileCounter()
-    compiled = torch.compile(scale, backend=counter, fullgraph=True)
-    x = torch.randn(3, 5)
-    for step in range(10):
-        scale.set_step(step)
-        out, bias = compiled(x, x[0])
-        alpha = prores_alpha("linear", 2, step, 4, 4)
-        torch.testing.assert_close(out, x * alpha)
-        torch.testing.assert_close(bias, x[0] * alpha)
-    assert counter.frame_count == 1

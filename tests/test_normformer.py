@@ -11,14 +11,14 @@ import torch.nn.functional as F
 from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
-from model_utils import LLAMA_LIKE, batch, build, logits, tiny_config
+from model_utils import LLAMA_LIKE, batch, build, forward_loss, logits, tiny_config
 
 from megatron_ext import ExtensionConfig, NormFormerConfig
 from megatron_ext.model import build_layer_spec
 from megatron_ext.normformer import (
     FFNNorm,
     FFNNormMixin,
-    HeadScaleMixin,
+    FoldedHeadScaleMixin,
     apply_to_layer_spec,
     normformer_parameters,
     parameter_overhead,
@@ -122,19 +122,51 @@ def test_unit_scales_and_norms_off_give_the_baseline_and_each_part_changes_it(sh
         assert not torch.allclose(logits(changed, data), expected, atol=1e-4), part
 
 
-def test_head_scale_multiplies_each_head_before_the_output_projection():
-    config, data = tiny_config(**SMALL), batch()
+def _head_scale_reference(model, scales: torch.Tensor) -> None:
+    """Multiply each head's core-attention output by its scale (the paper's form), with a hook."""
+    for layer in model.decoder.layers:
+        core = layer.self_attention.core_attention
+        core.register_forward_hook(
+            lambda module, args, out: (out.view(*out.shape[:-1], len(scales), -1) * scales[:, None]).view(out.shape)
+        )
+
+
+@pytest.mark.parametrize("batch_size", [1, 4], ids=["scale-on-input", "scale-folded-into-weight"])
+def test_head_scale_multiplies_each_head_before_the_output_projection(batch_size):
+    """Tokens 16 < hidden 32: the scale multiplies W^O's input; 64 > 32: W^O's columns. Same function."""
+    config, data = tiny_config(**SMALL), batch(batch_size=batch_size)
     only_heads = NormFormerConfig(post_attention_norm=False, ffn_norm=False)
-    scaled = build(config, ExtensionConfig(normformer=only_heads))
-    folded = _with_weights_of(build(config, ExtensionConfig(normformer=only_heads)), scaled)
-    head_dim = config.kv_channels
+    reference = build(config)
+    scaled = _with_weights_of(build(config, ExtensionConfig(normformer=only_heads)), reference)
     scales = torch.tensor([0.5, 2.0, 0.0, 1.5])
     with torch.no_grad():
-        for layer, folded_layer in zip(scaled.decoder.layers, folded.decoder.layers):
-            layer.self_attention.core_attention.head_scale.copy_(scales)
-            # s_h * head_h fed to W^O equals head_h fed to W^O with its columns for head h times s_h.
-            folded_layer.self_attention.linear_proj.weight.mul_(scales.repeat_interleave(head_dim))
-    torch.testing.assert_close(logits(scaled, data), logits(folded, data), rtol=1e-5, atol=1e-5)
+        for layer in scaled.decoder.layers:
+            layer.self_attention.linear_proj.head_scale.copy_(scales)
+    _head_scale_reference(reference, scales)
+    torch.testing.assert_close(logits(scaled, data), logits(reference, data), rtol=1e-5, atol=1e-5)
+    # d loss / d s_h = sum over tokens of <d loss / d head_h output, head_h output>, with a hook's help.
+    outputs = []
+    for layer in reference.decoder.layers:
+        layer.self_attention.core_attention.register_forward_hook(lambda m, a, out: outputs.append(out))
+    loss_scaled, loss_reference = (forward_loss(m, data) for m in (scaled, reference))
+    loss_scaled.backward()
+    grads = torch.autograd.grad(loss_reference, outputs)
+    for layer, out, grad in zip(scaled.decoder.layers, outputs, grads):
+        per_head = (out * grad).view(*out.shape[:-1], 4, -1).sum(dim=(0, 1, 3)) / scales.clamp_min(1e-30)
+        expected = torch.where(scales == 0, layer.self_attention.linear_proj.head_scale.grad, per_head)
+        torch.testing.assert_close(layer.self_attention.linear_proj.head_scale.grad, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_folded_head_scale_does_no_activation_sized_work():
+    """With more tokens than W^O has output features, the scale's multiplies are weight-sized."""
+    config = tiny_config(**SMALL)
+    only_heads = ExtensionConfig(normformer=NormFormerConfig(post_attention_norm=False, ffn_norm=False))
+    proj = build(config, only_heads).decoder.layers[0].self_attention.linear_proj
+    x = torch.randn(64, 2, config.hidden_size)  # 128 token rows > 32 output features
+    census = census_of(lambda: proj(x.detach().requires_grad_())[0].sum())
+    weight = proj.weight.numel()
+    # forward s * W; backward s * dW and W * dW (reduced to d s): no multiply writes an activation
+    assert 0 < census.written["mul"] <= 3 * weight < x.numel()
 
 
 def test_parameter_overhead_is_counted_and_logged(caplog):
@@ -165,9 +197,9 @@ def test_spec_wraps_whatever_classes_it_holds():
     new_fc2 = wrapped.submodules.mlp.submodules.linear_fc2
     assert issubclass(new_fc2.module, FFNNormMixin) and issubclass(new_fc2.module, GatedRowParallelLinear)
     assert new_fc2.params == {"marker": 1}
-    core = wrapped.submodules.self_attention.submodules.core_attention
-    assert issubclass(core, HeadScaleMixin)
-    assert issubclass(core, spec.submodules.self_attention.submodules.core_attention)
+    proj = wrapped.submodules.self_attention.submodules.linear_proj
+    assert issubclass(proj, FoldedHeadScaleMixin)
+    assert issubclass(proj, spec.submodules.self_attention.submodules.linear_proj)
     assert wrapped.submodules.post_attention_norm is TorchNorm
     # One class per base, and no second layer of wrapping.
     again = apply_to_layer_spec(wrapped, config, NormFormerConfig())

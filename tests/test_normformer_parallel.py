@@ -18,6 +18,9 @@ from megatron_ext import ExtensionConfig, NormFormerConfig, ProResConfig, WeSaRC
 
 SMALL = dict(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4)
 SHAPES = {"gpt": SMALL, "llama-like": {**SMALL, **LLAMA_LIKE}}  # GELU/MHA/LayerNorm; SwiGLU/GQA/RMSNorm
+# 32 token rows per micro-batch outnumber 16 features: the head scale (and WeSaR's gates)
+# fold into the weights instead of multiplying activations.
+FOLDING = {"narrow": {**SMALL, "hidden_size": 16, "ffn_hidden_size": 32}}
 PARTS = ("head_scale", "post_attention_norm", "ffn_norm", "residual_scale")
 OPTIONS = {  # each part alone, then all four
     **{part: NormFormerConfig(**{name: name == part for name in PARTS}) for part in PARTS},
@@ -25,6 +28,7 @@ OPTIONS = {  # each part alone, then all four
 }
 PARALLEL = {"tp": {}, "tp+sp": {"sequence_parallel": True}}
 CASES = [(shape, option, parallel) for shape in SHAPES for option in OPTIONS for parallel in PARALLEL]
+CASES += [(shape, option, parallel) for shape in FOLDING for option in ("head_scale", "all") for parallel in PARALLEL]
 ALL_THREE = ExtensionConfig(
     prores=ProResConfig(warmup=2), wesar=WeSaRConfig(), normformer=NormFormerConfig(residual_scale=True)
 )
@@ -42,7 +46,7 @@ def assert_same_grads(grads_tp2: dict, grads_tp1: dict) -> None:
 def normformer_world():
     """One TP=2 world: the FFN-norm kernel, the checkpoint layout and every model case."""
     cases = [
-        (ExtensionConfig(normformer=OPTIONS[option]), SHAPES[shape], PARALLEL[parallel])
+        (ExtensionConfig(normformer=OPTIONS[option]), {**SHAPES, **FOLDING}[shape], PARALLEL[parallel])
         for shape, option, parallel in CASES
     ]
     kernel, sharded, models = run_distributed(
@@ -72,7 +76,7 @@ def test_sharded_checkpoint_partitions_head_scale_and_ffn_norm(normformer_world)
     # (local shape, global shape, global offset) on TP rank 0; the layer axis is prepended.
     for layer in range(layers):
         at = f"decoder.layers.{layer}."
-        assert sharded[f"{at}self_attention.core_attention.head_scale"] == ((heads // 2,), (layers, heads), (layer, 0))
+        assert sharded[f"{at}self_attention.linear_proj.head_scale"] == ((heads // 2,), (layers, heads), (layer, 0))
         for param in ("weight", "bias"):
             assert sharded[f"{at}mlp.linear_fc2.ffn_norm.{param}"] == ((ffn // 2,), (layers, ffn), (layer, 0))
             assert sharded[f"{at}post_attention_norm.{param}"] == ((hidden,), (layers, hidden), (layer, 0))
@@ -90,22 +94,23 @@ def test_tp2_equals_tp1(normformer_world, shape, option, parallel):
 @pytest.fixture(scope="module")
 def all_three_world():
     """ProRes + WeSaR + NormFormer: TP=2 vs TP=1 and a two-stage pipeline split, per shape."""
-    tp_cases = [(ALL_THREE, SHAPES[shape], {"sequence_parallel": True}) for shape in SHAPES]
+    shapes = {**SHAPES, **FOLDING}
+    tp_cases = [(ALL_THREE, overrides, {"sequence_parallel": True}) for overrides in shapes.values()]
     calls = [(tp_cases_loss_and_grads, (tp_cases, 3, 5))]
-    calls += [(pipeline_split_logits, (ALL_THREE, SHAPES[shape], 3)) for shape in SHAPES]
+    calls += [(pipeline_split_logits, (ALL_THREE, overrides, 3)) for overrides in shapes.values()]
     ranks = run_distributed(run_checks, 2, calls)
     tp_results, split_results = ranks[0][0], ranks[1][1:]  # rank 0 compares TP; rank 1 is the last stage
-    return dict(zip(SHAPES, tp_results)), dict(zip(SHAPES, split_results))
+    return dict(zip(shapes, tp_results)), dict(zip(shapes, split_results))
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, *FOLDING])
 def test_all_three_methods_tp2_equals_tp1(all_three_world, shape):
     (loss2, grads2), (loss1, grads1) = all_three_world[0][shape][2], all_three_world[0][shape][1]
     assert loss2 == pytest.approx(loss1, rel=1e-5)
     assert_same_grads(grads2, grads1)
 
 
-@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("shape", [*SHAPES, *FOLDING])
 def test_all_three_methods_two_stage_split_equals_unsplit(all_three_world, shape):
     max_diff, scale = all_three_world[1][shape]
     assert scale > 0.01 and max_diff <= 1e-6 * scale

@@ -27,6 +27,15 @@ def test_census_counts_reads_and_writes_of_memory_bound_ops_only():
     assert backward.written["mul"] >= 2 * a.numel()  # forward product and its backward
 
 
+def test_a_batch_of_dot_products_counts_as_memory_bound():
+    a, b = torch.randn(8, 16), torch.randn(8, 16)
+    with OpCensus() as census:
+        torch.einsum("ij,ij->i", a, b)   # bmm of [8, 1, 16] x [8, 16, 1]: reads both, writes 8
+        torch.bmm(a.view(2, 4, 16), b.view(2, 16, 4))  # real matrix products: compute-bound
+    assert census.read["bmm"] == 256 and census.written["bmm"] == 8
+    assert census.compute_bound["bmm"] == 1
+
+
 @pytest.fixture(scope="module")
 def tiny_report(tmp_path_factory):
     sys.path.insert(0, str(BENCH))

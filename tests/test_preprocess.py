@@ -451,6 +451,8 @@ def test_interrupt_leaves_no_output(tmp_path, sp_model, workers, signum):
         stderr=subprocess.PIPE,
         text=True,
         env=_tool_env(),
+        # As from a terminal: a pytest started in the background (`&`) ignores SIGINT, and so would the tool.
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while not (out_dir.exists() and any(p.stat().st_size > 0 for p in out_dir.iterdir())):

@@ -150,11 +150,25 @@ def test_auto_placement_adds_no_activation_sized_work_when_tokens_outnumber_feat
     x = torch.randn(8 * config.hidden_size, 2, config.hidden_size, requires_grad=True)
     output_elements = x.shape[0] * x.shape[1] * config.ffn_hidden_size
     assert fc1.weight.numel() * 8 < output_elements
-    multiplied = census_of(lambda: fc1(x)[0].sum()).written["mul"]
+    census = census_of(lambda: fc1(x)[0].sum())
+    multiplied = census.written["mul"]
     if activation_sized:
         assert multiplied >= 3 * output_elements
     else:
-        assert 0 < multiplied <= 3 * fc1.weight.numel()
+        # a * W~ forward, a * dW backward; the gate's gradient is a dot product with no weight-sized product
+        assert 0 < multiplied <= 2 * fc1.weight.numel()
+        assert census.read["dot"] == 2 * fc1.weight.numel() and census.written["sum"] < fc1.weight.numel()
+
+
+@pytest.mark.parametrize("rows", [1, 5], ids=["one-gate", "gate-per-row"])
+def test_weight_side_gate_backward_matches_finite_differences(rows):
+    from megatron_ext.wesar import _ScaleRows
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(5, 7, dtype=torch.float64, generator=g).requires_grad_()
+    scale = torch.randn(rows, dtype=torch.float64, generator=g).requires_grad_()
+    torch.testing.assert_close(_ScaleRows.apply(weight, scale), weight * scale.view(-1, 1), rtol=0, atol=0)
+    assert torch.autograd.gradcheck(_ScaleRows.apply, (weight, scale))
 
 
 def train(model, optimizer, steps: int) -> None:

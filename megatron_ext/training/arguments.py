@@ -8,6 +8,7 @@ overrides it. :func:`validate_args` raises :class:`ConfigError` naming the flags
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 from typing import Any, Optional, Sequence
 
@@ -111,6 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--spike-std", type=float, default=4.0,
                    help="log a loss-spike event when the loss exceeds the running mean by this many std")
     g.add_argument("--spike-window", type=int, default=100, help="iterations in the running loss statistics")
+
+    g = p.add_argument_group("kernel fusion (Megatron-LM's defaults with CUDA; off on the CPU path)")
+    g.add_argument("--bias-dropout-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="bias add, dropout and residual add as one compiled kernel, ProRes' and NormFormer's "
+                        "scales included (default: on with CUDA)")
+    g.add_argument("--bias-gelu-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="megatron's fused bias + tanh-approximated GeLU (default: on with CUDA when the linear "
+                        "layers have biases and --swiglu is off)")
+    g.add_argument("--bias-swiglu-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="megatron's fused bias + SwiGLU (default: on with CUDA and --swiglu)")
+    g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=None,
+                   help="accumulate weight gradients into the fp32 main grads inside the GEMM (APEX's "
+                        "fused_weight_gradient_mlp_cuda; default: on with CUDA where it is installed)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -251,6 +265,33 @@ def _fill_method_defaults(args: argparse.Namespace) -> None:
                 setattr(args, dest, default)
 
 
+def grad_accumulation_fusion_available() -> bool:
+    """Whether APEX's ``fused_weight_gradient_mlp_cuda`` extension (megatron-core's wgrad GEMM) is installed."""
+    return importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None
+
+
+def _resolve_fusions(args: argparse.Namespace) -> None:
+    """Fill the fusion flags' defaults (on with CUDA where possible) and reject impossible ones."""
+    if args.bias_gelu_fusion and (args.swiglu or args.disable_bias_linear):
+        raise ConfigError("--bias-gelu-fusion needs biases and GeLU (no --disable-bias-linear, no --swiglu; "
+                          "with --swiglu use --bias-swiglu-fusion)")
+    if args.bias_swiglu_fusion and not args.swiglu:
+        raise ConfigError("--bias-swiglu-fusion needs --swiglu (for GeLU use --bias-gelu-fusion)")
+    if args.gradient_accumulation_fusion and args.use_cuda and not grad_accumulation_fusion_available():
+        raise ConfigError("--gradient-accumulation-fusion needs APEX's fused_weight_gradient_mlp_cuda extension, "
+                          "which is not installed here (NVIDIA's PyTorch containers have it); "
+                          "use --no-gradient-accumulation-fusion")
+    defaults = {
+        "bias_dropout_fusion": args.use_cuda,
+        "bias_gelu_fusion": args.use_cuda and not (args.swiglu or args.disable_bias_linear),
+        "bias_swiglu_fusion": args.use_cuda and args.swiglu,
+        "gradient_accumulation_fusion": args.use_cuda and grad_accumulation_fusion_available(),
+    }
+    for dest, default in defaults.items():
+        if getattr(args, dest) is None:
+            setattr(args, dest, default)
+
+
 def _check_pipeline_layers(args: argparse.Namespace) -> None:
     """The layer split over pipeline stages (first/last stage sizes, virtual stages) is exact."""
     L, pp = args.num_layers, args.pipeline_model_parallel_size
@@ -319,6 +360,7 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
              "data_path", "tokenizer_type")
     _fill_method_defaults(args)
     args.use_cuda = use_cuda
+    _resolve_fusions(args)
     for dest in ("num_layers", "hidden_size", "num_attention_heads", "seq_length", "train_iters",
                  "micro_batch_size", "tensor_model_parallel_size", "pipeline_model_parallel_size",
                  "log_interval", "eval_interval"):
@@ -420,6 +462,7 @@ def _check_cpu_path(args: argparse.Namespace) -> None:
         ("--bf16", args.bf16), ("--fp16", args.fp16),
         # megatron-core's sequence-parallel linear all-gathers into a CUDA buffer.
         ("--sequence-parallel", args.sequence_parallel),
+        ("--gradient-accumulation-fusion", args.gradient_accumulation_fusion),
         ("--transformer-impl transformer_engine", args.transformer_impl == "transformer_engine"),
     ) if on]
     if gpu_only:

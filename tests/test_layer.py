@@ -1,0 +1,82 @@
+"""ExtTransformerLayer's residual-branch hooks inside megatron's bias-dropout-add, fused and eager."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from model_utils import batch, build, forward_loss, tiny_config
+from torch._dynamo.testing import CompileCounter
+from torch._dynamo.utils import counters
+
+from megatron_ext import ExtensionConfig, NormFormerConfig, ProResConfig, WeSaRConfig
+from megatron_ext.layer import ExtTransformerLayer, scaled_bias_dropout_add
+from megatron_ext.model import build_layer_spec
+from megatron_ext.prores import ProResScale, prores_alpha, set_prores_step
+
+pytestmark = pytest.mark.usefixtures("parallel1")
+
+ALL = ExtensionConfig(
+    prores=ProResConfig(warmup=2), wesar=WeSaRConfig(),
+    normformer=NormFormerConfig(residual_scale=True),
+)
+
+
+def test_branch_and_skip_scales_compile_into_one_graph_that_survives_step_updates():
+    """Both scales sit inside the one bias-dropout-add graph; a new a(l, t) recompiles nothing."""
+    scale = ProResScale(tiny_config(), layer_number=2, schedule="linear", warmup=4)
+    skip = torch.linspace(0.5, 1.5, 8)
+    counter = CompileCounter()
+    compiled = torch.compile(scaled_bias_dropout_add, backend=counter, fullgraph=True)
+    x, bias, residual = torch.randn(3, 2, 8), torch.randn(8), torch.randn(3, 2, 8)
+    for step in range(10):
+        scale.set_step(step)
+        out = compiled(x, bias, residual, scale.scale_factor(), skip, 0.0, True)
+        alpha = prores_alpha("linear", 2, step, 4, 4)
+        torch.testing.assert_close(out, skip * residual + alpha * (x + bias))
+    assert counter.frame_count == 1
+
+
+def test_half_precision_branch_is_not_promoted_by_the_fp32_scale():
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    out = scaled_bias_dropout_add(x, None, x.float(), torch.tensor(0.5), None, 0.0, False)
+    assert out.dtype == torch.bfloat16
+
+
+def test_dropout_acts_on_the_scaled_branch_only():
+    x, residual = torch.ones(2000, 8), torch.full((2000, 8), 3.0)
+    torch.manual_seed(0)
+    out = scaled_bias_dropout_add(x, None, residual, torch.tensor(0.25), torch.tensor(2.0), 0.5, True)
+    # kept elements: 2 * 3 + 0.25 / (1 - 0.5); dropped: 2 * 3
+    assert set(out.unique().tolist()) == {6.0, 6.5}
+    assert 0.45 < (out == 6.5).float().mean() < 0.55
+
+
+@pytest.mark.parametrize("extensions", [ExtensionConfig(prores=ProResConfig(warmup=2)), ALL], ids=["prores", "all"])
+def test_fused_bias_dropout_add_equals_eager(extensions):
+    """--bias-dropout-fusion (megatron's jit_fuser: torch.compile) computes the eager model's loss and grads."""
+    eager_config = tiny_config()
+    eager = build(eager_config, extensions)
+    fused = build(dataclasses.replace(eager_config, bias_dropout_fusion=True), extensions)
+    fused.load_state_dict(eager.state_dict())
+    data = batch()
+    graphs_before = counters["stats"]["unique_graphs"]
+    for model in (eager, fused):
+        for step in range(3):
+            model.zero_grad()
+            set_prores_step(model, step)
+            forward_loss(model, data).backward()
+    # One graph per branch kind (attention; MLP with its skip scale), not one per layer or step.
+    assert counters["stats"]["unique_graphs"] - graphs_before <= 2
+    torch.testing.assert_close(forward_loss(fused, data), forward_loss(eager, data), rtol=1e-5, atol=1e-6)
+    for (name, p_eager), p_fused in zip(eager.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(p_fused.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_hooks_refuse_a_bias_dropout_add_they_would_replace():
+    config = tiny_config()
+    spec = build_layer_spec(config, ExtensionConfig(prores=ProResConfig()))
+    spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp_bda=lambda t, f: None))
+    with pytest.raises(NotImplementedError, match="mlp_bda"):
+        ExtTransformerLayer(config, spec.submodules, layer_number=1)
