@@ -187,8 +187,8 @@ def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, t
     assert args.data_parallel_size == 8 // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
 
 
-def saved_layer_elements(model: torch.nn.Module, data: dict) -> int:
-    """Elements the first decoder layer saves for the backward, parameters and buffers excluded,
+def saved_layer_bytes(model: torch.nn.Module, data: dict) -> int:
+    """Bytes the first decoder layer saves for the backward, parameters and buffers excluded,
     each storage counted once."""
     excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
@@ -196,7 +196,7 @@ def saved_layer_elements(model: torch.nn.Module, data: dict) -> int:
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         storage = tensor.untyped_storage()
         if storage.data_ptr() not in excluded:
-            storages[storage.data_ptr()] = storage.nbytes() // tensor.element_size()
+            storages[storage.data_ptr()] = storage.nbytes()
         return tensor
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
@@ -205,6 +205,35 @@ def saved_layer_elements(model: torch.nn.Module, data: dict) -> int:
     layer.register_forward_hook(lambda *args: hooks.__exit__(None, None, None))
     forward_loss(model, data)
     return sum(storages.values())
+
+
+LAYER_VARIANTS = {
+    "baseline": ExtensionConfig(),
+    "wesar": ExtensionConfig(wesar=WeSaRConfig()),
+    "normformer": ExtensionConfig(normformer=NormFormerConfig()),
+    "all": ExtensionConfig(prores=ProResConfig(warmup=2), wesar=WeSaRConfig(), normformer=NormFormerConfig()),
+}
+
+
+@pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("variant", LAYER_VARIANTS)
+def test_layer_activations_match_what_a_built_bf16_layer_saves(variant):
+    """Korthikanti's per-layer bytes plus the methods' terms against the tensors a bf16 layer
+    saves for the backward (CPU, fused attention, dropout off so no masks are saved)."""
+    extensions = LAYER_VARIANTS[variant]
+    config = tiny_config(params_dtype=torch.bfloat16, bf16=True)
+    model = build(config, extensions).bfloat16()
+    micro_batch = 4
+    measured = saved_layer_bytes(model, batch(batch_size=micro_batch))
+    normformer = extensions.normformer is not None
+    shape = dataclasses.replace(
+        shape_of("gpt"), wesar=extensions.wesar is not None, normformer_head_scale=normformer,
+        normformer_post_attention_norm=normformer, normformer_ffn_norm=normformer,
+    )
+    estimate = em.layer_activation_bytes(shape, em.Layout(micro_batch_size=micro_batch))
+    masks = 2 * SEQ * micro_batch * config.hidden_size  # two 1-byte dropout masks, not saved at p = 0
+    # The rest (~1.5%) is small per-row state: the attention's log-sum-exp, the norms' statistics.
+    assert 1.0 <= measured / (estimate - masks) <= 1.03
 
 
 @pytest.mark.usefixtures("parallel1")
@@ -218,8 +247,8 @@ def test_saved_elements_of_scaled_linears_match_a_built_layer(case, micro_batch)
         "gpt+head-scale": ExtensionConfig(normformer=NormFormerConfig(post_attention_norm=False, ffn_norm=False)),
     }[case]
     data = batch(batch_size=micro_batch)
-    baseline = saved_layer_elements(build(tiny_config()), data)
-    measured = saved_layer_elements(build(tiny_config(), extensions), data) - baseline
+    baseline = saved_layer_bytes(build(tiny_config()), data)
+    measured = (saved_layer_bytes(build(tiny_config(), extensions), data) - baseline) // 4  # fp32 elements
     shape = dataclasses.replace(shape_of("gpt"), wesar=case == "gpt+wesar", normformer_head_scale=case != "gpt+wesar")
     expected = em.scaled_linear_saved_elements(shape, em.Layout(micro_batch_size=micro_batch))
     config = tiny_config()
