@@ -30,6 +30,30 @@ def test_loss_falls(tmp_path, byte_dataset, methods):
     assert os.path.isfile(tmp_path / "iter_0000012" / "mp_rank_00_000" / "model_optim_rng.pt")
 
 
+def test_bias_dropout_fusion_trains_the_same_model(tmp_path, byte_dataset, monkeypatch):
+    """--bias-dropout-fusion (the CUDA default; compiled by torch's CPU backend here) gives the
+    eager run's losses with all three methods, ProRes' scalar changing every step inside it."""
+    from megatron_ext import layer
+
+    calls = {"eager": 0, "fused": 0}
+    compiled = layer.fused_scaled_bias_dropout_add
+
+    def counted(*args):
+        calls[run] += 1
+        return compiled(*args)
+
+    monkeypatch.setattr(layer, "fused_scaled_bias_dropout_add", counted)
+    runs = {}
+    for run, extra in (("eager", []), ("fused", ["--bias-dropout-fusion"])):
+        argv = tiny_flags(byte_dataset, save=tmp_path / run, eval_iters=0, train_iters=8) + METHOD_FLAGS + extra
+        assert pretrain_gpt.main(argv) == 0
+        runs[run] = train_losses(tmp_path / run)
+    assert calls == {"eager": 0, "fused": 8 * 2 * 2}  # iterations x layers x branches
+    assert sorted(runs["fused"]) == list(range(1, 9))
+    for it, loss in runs["eager"].items():
+        assert runs["fused"][it] == pytest.approx(loss, rel=1e-5), it
+
+
 def test_logged_lr_is_the_lr_each_update_used(tmp_path, byte_dataset):
     """Iteration i's update is the scheduler's step i - 1: warmup from 0, then linear decay.
 
