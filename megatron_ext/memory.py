@@ -113,7 +113,12 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Layout:
-    """How the model is split over GPUs and how it is trained."""
+    """How the model is split over GPUs and how it is trained.
+
+    ``activation_fusion``: megatron's fused bias-GeLU / bias-SwiGLU (the driver's CUDA
+    default); with it and without TP, NormFormer's FFN norm is compiled into the same
+    kernel and saves no input of its own.
+    """
 
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
@@ -127,6 +132,7 @@ class Layout:
     use_distributed_optimizer: bool = False
     precision: str = "bf16"
     flash_attention: bool = True
+    activation_fusion: bool = True
 
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -276,8 +282,8 @@ def layer_activation_bytes(model: ModelShape, layout: Layout) -> float:
     fc1 = 2 * f if model.swiglu else f
     replicated = s * b * (10 * h)
     split = s * b * (2 * h + 4 * kv + 2 * h + 2 * fc1 + 2 * f)
-    if model.normformer_ffn_norm:
-        split += s * b * 2 * f
+    if model.normformer_ffn_norm and not (layout.activation_fusion and t == 1):
+        split += s * b * 2 * f  # the norm's input, the activation's output
     if model.normformer_post_attention_norm:
         replicated += s * b * 2 * h
     if layout.sequence_parallel:
@@ -421,6 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         layout.add_argument(f"--{flag}", action="store_true", default=None)
     layout.add_argument("--no-flash-attention", action="store_true", default=None,
                         help="count the 5as^2b bytes of materialised attention scores")
+    for flag in ("bias-gelu-fusion", "bias-swiglu-fusion"):
+        layout.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
+                            help="as pretrain_gpt.py (default: on, the CUDA default)")
     return parser
 
 
@@ -474,8 +483,16 @@ def from_args(args: argparse.Namespace) -> tuple[ModelShape, Layout]:
         sequence_parallel=bool(args.sequence_parallel), use_distributed_optimizer=bool(args.use_distributed_optimizer),
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         flash_attention=not args.no_flash_attention,
+        activation_fusion=_activation_fusion(args),
     )
     return model, layout
+
+
+def _activation_fusion(args: argparse.Namespace) -> bool:
+    """The driver's CUDA default: megatron's fused activation where it applies, unless switched off."""
+    if args.swiglu:
+        return args.bias_swiglu_fusion is not False
+    return args.bias_gelu_fusion is not False and not args.disable_bias_linear
 
 
 def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:

@@ -19,9 +19,9 @@ With every part on, a layer computes (METHODS.md section 3)::
 * Residual scale ``lambda`` (off by default): a learned per-channel vector, initialised
   to 1, on the FFN sublayer's skip path.
 
-The head scale and the FFN norm wrap whatever linear_proj and fc2 classes the layer
-spec holds (megatron's, Transformer Engine's, or WeSaR's gated linears); the other two
-parts use the hooks of :class:`~megatron_ext.layer.ExtTransformerLayer`.
+The head scale wraps whatever linear_proj class the layer spec holds (megatron's,
+Transformer Engine's, or WeSaR's gated linear), the FFN norm megatron-core's dense MLP
+class; the other two parts use the hooks of :class:`~megatron_ext.layer.ExtTransformerLayer`.
 """
 
 from __future__ import annotations
@@ -34,8 +34,10 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.jit import jit_fuser
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -223,30 +225,79 @@ class FFNNorm(MegatronModule):
         return f"width={self.width}, {'RMSNorm' if self.rms else 'LayerNorm'}, eps={self.eps}"
 
 
-class FFNNormMixin:
-    """Mixed in front of an fc2 class (row-parallel linear): ``fc2(FFNNorm(x))``.
+def ffn_activation(x: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, silu: bool, approximate: str) -> torch.Tensor:
+    """``act(x + bias)`` as megatron's dense MLP computes it: GeLU (``approximate="tanh"`` is
+    megatron's fused bias-GeLU) or SiLU, gated (``act(x_1) * x_2`` over the halves) when ``glu``."""
+    if bias is not None:
+        x = x + bias
+    if glu:
+        x, linear = torch.chunk(x, 2, dim=-1)
+    out = torch.nn.functional.silu(x) if silu else torch.nn.functional.gelu(x, approximate=approximate)
+    return out * linear if glu else out
 
-    Built by megatron's MLP as ``fc2(ffn_hidden_size, hidden_size, config=..., tp_group=...)``.
+
+def ffn_activation_norm(
+    x: torch.Tensor, bias: Optional[torch.Tensor], weight: torch.Tensor, norm_bias: Optional[torch.Tensor],
+    eps: float, rms: bool, glu: bool, silu: bool, approximate: str,
+) -> torch.Tensor:
+    """``FFNNorm(act(x + bias))`` over the whole (unsharded) FFN width, for one compiled kernel."""
+    y = ffn_activation(x, bias, glu, silu, approximate)
+    if rms:
+        return torch.nn.functional.rms_norm(y, (y.shape[-1],), weight, eps)
+    return torch.nn.functional.layer_norm(y, (y.shape[-1],), weight, norm_bias, eps)
+
+
+fused_ffn_activation = jit_fuser(ffn_activation)
+fused_ffn_activation_norm = jit_fuser(ffn_activation_norm)
+
+
+class FFNNormMixin:
+    """Mixed in front of megatron-core's dense ``MLP`` class: ``fc2(FFNNorm(act(fc1(x) + b1)))``.
+
+    The activation is megatron's (:func:`ffn_activation`); with ``bias_activation_fusion``
+    (``--bias-gelu-fusion`` / ``--bias-swiglu-fusion``) it is compiled with megatron-core's
+    ``jit_fuser`` and, without tensor parallelism, together with the norm: one kernel
+    reads fc1's output and writes the normalised activation, so the activation's output
+    is neither written nor read in between. Under TP the norm's statistics need an
+    all-reduce, so the activation is fused alone and :func:`sharded_width_norm` follows.
     """
 
-    def __init__(self, input_size: int, *args, config: TransformerConfig, **kwargs) -> None:
-        super().__init__(input_size, *args, config=config, **kwargs)
-        tp_group = kwargs.get("tp_group")
-        if tp_group is None:
-            tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
-        self.ffn_norm = FFNNorm(config, input_size, tp_group)
+    def __init__(self, config: TransformerConfig, *args, ffn_hidden_size: Optional[int] = None, **kwargs) -> None:
+        super().__init__(config, *args, ffn_hidden_size=ffn_hidden_size, **kwargs)
+        self.activation_kind = _activation_kind(config)
+        self.ffn_norm = FFNNorm(config, ffn_hidden_size or config.ffn_hidden_size, self.tp_group)
 
-    def forward(self, input_: torch.Tensor, *args, **kwargs):
-        return super().forward(self.ffn_norm(input_), *args, **kwargs)
+    def forward(self, hidden_states: torch.Tensor, per_token_scale: Optional[torch.Tensor] = None, **kwargs):
+        if per_token_scale is not None:
+            raise NotImplementedError("NormFormer's FFN norm supports dense MLPs only (no per-token scale)")
+        intermediate, bias = self.linear_fc1(hidden_states)
+        glu, silu, approximate = self.activation_kind
+        fused = self.config.bias_activation_fusion
+        norm = self.ffn_norm
+        if fused and norm.tp_size == 1:
+            normalized = fused_ffn_activation_norm(
+                intermediate, bias, norm.weight, norm.bias, norm.eps, norm.rms, glu, silu, approximate
+            )
+        else:
+            activation = fused_ffn_activation if fused else ffn_activation
+            normalized = norm(activation(intermediate, bias, glu, silu, approximate))
+        return self.linear_fc2(normalized)
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
-        metadata = ensure_metadata_has_dp_cp_group(metadata)
-        norm_prefix = f"{prefix}ffn_norm."
-        return _replace_sharded(
-            super().sharded_state_dict(prefix, sharded_offsets, metadata),
-            norm_prefix,
-            self.ffn_norm.sharded_state_dict(norm_prefix, sharded_offsets, metadata),
+
+def _activation_kind(config: TransformerConfig) -> tuple[bool, bool, str]:
+    """(gated, SiLU, GeLU approximation) of megatron's dense MLP activation; an error for others."""
+    silu = config.activation_func is torch.nn.functional.silu
+    if not (silu or config.activation_func is torch.nn.functional.gelu):
+        raise NotImplementedError(
+            f"NormFormer's FFN norm supports GeLU and SiLU (SwiGLU) activations, got {config.activation_func!r}"
         )
+    if config.use_te_activation_func or config.activation_func_clamp_value is not None or config.glu_linear_offset:
+        raise NotImplementedError(
+            "NormFormer's FFN norm does not support use_te_activation_func, activation_func_clamp_value "
+            "or glu_linear_offset"
+        )
+    # megatron's fused bias-GeLU / bias-GeGLU use the tanh approximation; unfused, the exact GeLU.
+    return config.gated_linear_unit, silu, "tanh" if config.bias_activation_fusion else "none"
 
 
 # ---------------------------------------------------------------------------------------
@@ -370,6 +421,8 @@ def _check(config: TransformerConfig, cfg: NormFormerConfig) -> None:
         raise ValueError(
             f"NormFormer's norms support normalization in {NORMALIZATIONS}, got {config.normalization!r}"
         )
+    if cfg.ffn_norm:
+        _activation_kind(config)
     if cfg.ffn_norm and config.num_moe_experts is not None:
         raise ValueError(
             "NormFormer's FFN norm supports dense MLPs only; disable it "
@@ -392,8 +445,10 @@ def apply_to_layer_spec(spec: ModuleSpec, config: TransformerConfig, cfg: NormFo
     if cfg.post_attention_norm:
         updates["post_attention_norm"] = _post_attention_norm(attention.submodules.core_attention)
     if cfg.ffn_norm:
-        fc2 = _with_mixin(mlp.submodules.linear_fc2, FFNNormMixin, "linear_fc2")
-        updates["mlp"] = replace(mlp, submodules=replace(mlp.submodules, linear_fc2=fc2))
+        mlp_class = mlp.module if isinstance(mlp, ModuleSpec) else mlp
+        if not (isinstance(mlp_class, type) and issubclass(mlp_class, MLP)):
+            raise NotImplementedError(f"NormFormer's FFN norm needs megatron-core's dense MLP, the layer spec has {mlp!r}")
+        updates["mlp"] = _with_mixin(mlp, FFNNormMixin, "mlp")
     if cfg.residual_scale:
         updates["mlp_skip_scale"] = ResidualScale
     return replace(spec, submodules=replace(layer, **updates))
@@ -403,11 +458,11 @@ def normformer_parameters(model: GPTModel) -> list[torch.nn.Parameter]:
     """The parameters NormFormer added to this rank's part of ``model``."""
     params = []
     for layer in getattr(model.decoder, "layers", ()):
-        proj, fc2 = layer.self_attention.linear_proj, layer.mlp.linear_fc2
+        proj = layer.self_attention.linear_proj
         if isinstance(proj, HeadScaleMixin):
             params.append(proj.head_scale)
-        if isinstance(fc2, FFNNormMixin):
-            params.extend(fc2.ffn_norm.parameters())
+        if isinstance(layer.mlp, FFNNormMixin):
+            params.extend(layer.mlp.ffn_norm.parameters())
         for hook in (layer.post_attention_norm, layer.mlp_skip_scale):
             if hook is not None:
                 params.extend(hook.parameters())

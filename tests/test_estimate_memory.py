@@ -216,12 +216,14 @@ LAYER_VARIANTS = {
 
 
 @pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("fusion", [False, True], ids=["eager", "activation-fusion"])
 @pytest.mark.parametrize("variant", LAYER_VARIANTS)
-def test_layer_activations_match_what_a_built_bf16_layer_saves(variant):
+def test_layer_activations_match_what_a_built_bf16_layer_saves(variant, fusion):
     """Korthikanti's per-layer bytes plus the methods' terms against the tensors a bf16 layer
-    saves for the backward (CPU, fused attention, dropout off so no masks are saved)."""
+    saves for the backward (CPU, fused attention, dropout off so no masks are saved); with
+    megatron's fused activation, NormFormer's FFN norm in the same compiled kernel."""
     extensions = LAYER_VARIANTS[variant]
-    config = tiny_config(params_dtype=torch.bfloat16, bf16=True)
+    config = tiny_config(params_dtype=torch.bfloat16, bf16=True, bias_activation_fusion=fusion)
     model = build(config, extensions).bfloat16()
     micro_batch = 4
     measured = saved_layer_bytes(model, batch(batch_size=micro_batch))
@@ -230,7 +232,7 @@ def test_layer_activations_match_what_a_built_bf16_layer_saves(variant):
         shape_of("gpt"), wesar=extensions.wesar is not None, normformer_head_scale=normformer,
         normformer_post_attention_norm=normformer, normformer_ffn_norm=normformer,
     )
-    estimate = em.layer_activation_bytes(shape, em.Layout(micro_batch_size=micro_batch))
+    estimate = em.layer_activation_bytes(shape, em.Layout(micro_batch_size=micro_batch, activation_fusion=fusion))
     masks = 2 * SEQ * micro_batch * config.hidden_size  # two 1-byte dropout masks, not saved at p = 0
     # The rest (~1.5%) is small per-row state: the attention's log-sum-exp, the norms' statistics.
     assert 1.0 <= measured / (estimate - masks) <= 1.03
@@ -254,3 +256,16 @@ def test_saved_elements_of_scaled_linears_match_a_built_layer(case, micro_batch)
     config = tiny_config()
     per_feature_scales = 3 * config.hidden_size + 2 * config.ffn_hidden_size  # the gate vectors themselves
     assert expected <= measured <= expected + per_feature_scales
+
+
+@pytest.mark.parametrize("flags, fused", [
+    ([], True), (["--no-bias-gelu-fusion"], False), (["--disable-bias-linear"], False),
+    (["--swiglu", "--no-bias-gelu-fusion"], True), (["--swiglu", "--no-bias-swiglu-fusion"], False),
+])
+def test_activation_fusion_follows_the_drivers_flags(flags, fused):
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32", "--normformer"]
+    model, layout = em.from_args(em.parse_args(base + flags))
+    assert layout.activation_fusion is fused
+    fused_bytes = em.layer_activation_bytes(model, dataclasses.replace(layout, activation_fusion=True))
+    eager_bytes = em.layer_activation_bytes(model, dataclasses.replace(layout, activation_fusion=False))
+    assert eager_bytes - fused_bytes == 2 * 32 * model.ffn_size  # the FFN norm's input, one micro-batch

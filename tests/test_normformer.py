@@ -90,6 +90,60 @@ def test_ffn_norm_without_tensor_parallelism_costs_what_torch_norm_costs(normali
     assert census["ours"] == census["ref"]
 
 
+def _ffn_norm_reference(model, normformer_model) -> None:
+    """Apply ``normformer_model``'s FFN norms, as torch norms, to fc2's input in ``model`` (hooks)."""
+    for layer, source in zip(model.decoder.layers, normformer_model.decoder.layers):
+        ffn_norm = source.mlp.ffn_norm
+        norm_class = torch.nn.RMSNorm if ffn_norm.rms else torch.nn.LayerNorm
+        norm = norm_class(ffn_norm.width, eps=ffn_norm.eps)
+        norm.load_state_dict(ffn_norm.state_dict())
+        layer.mlp.linear_fc2.register_forward_pre_hook(lambda module, args, norm=norm: (norm(args[0]), *args[1:]))
+
+
+@pytest.mark.parametrize("fusion", [False, True], ids=["eager", "bias-activation-fusion"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ffn_norm_sits_between_megatrons_activation_and_fc2(shape, fusion):
+    """Against megatron's own MLP with a torch norm hooked onto fc2's input; with the fusion on,
+    megatron's fused bias-GeLU / bias-SwiGLU and our one compiled activation-and-norm kernel."""
+    config = replace(tiny_config(**SHAPES[shape]), bias_activation_fusion=fusion)
+    only_ffn_norm = ExtensionConfig(normformer=NormFormerConfig(head_scale=False, post_attention_norm=False))
+    reference = build(config)
+    ours = _with_weights_of(build(config, only_ffn_norm), reference)
+    with torch.no_grad():
+        for layer in ours.decoder.layers:
+            layer.mlp.ffn_norm.weight.uniform_(0.5, 1.5)
+            if layer.mlp.ffn_norm.bias is not None:
+                layer.mlp.ffn_norm.bias.uniform_(-0.5, 0.5)
+    _ffn_norm_reference(reference, ours)
+    data = batch()
+    torch.testing.assert_close(logits(ours, data), logits(reference, data), rtol=1e-5, atol=1e-5)
+    forward_loss(ours, data).backward()
+    forward_loss(reference, data).backward()
+    ours_params = dict(ours.named_parameters())
+    for name, p_ref in reference.named_parameters():
+        torch.testing.assert_close(ours_params[name].grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+    for name in ("weight", "bias"):
+        assert all(getattr(layer.mlp.ffn_norm, name) is None or getattr(layer.mlp.ffn_norm, name).grad.abs().sum() > 0
+                   for layer in ours.decoder.layers)
+
+
+def test_activation_and_norm_compile_into_one_graph():
+    from torch._dynamo.testing import CompileCounter
+
+    from megatron_ext.normformer import ffn_activation_norm
+
+    counter = CompileCounter()
+    compiled = torch.compile(ffn_activation_norm, backend=counter, fullgraph=True)
+    x, bias, weight = torch.randn(4, 2, 16), torch.randn(16), torch.rand(8) + 0.5
+    for rms in (False, True):
+        out = compiled(x, bias, weight, None if rms else torch.zeros(8), 1e-5, rms, True, True, "none")
+        gate, up = torch.chunk(x + bias, 2, dim=-1)
+        act = F.silu(gate) * up
+        ref = F.rms_norm(act, (8,), weight, 1e-5) if rms else F.layer_norm(act, (8,), weight, torch.zeros(8), 1e-5)
+        torch.testing.assert_close(out, ref)
+    assert counter.frame_count == 2  # one graph per norm kind, no breaks
+
+
 def _with_weights_of(model, source):
     """Load ``source``'s weights into ``model``; only NormFormer's own parameters may be missing."""
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
@@ -183,29 +237,29 @@ def test_parameter_overhead_is_counted_and_logged(caplog):
 
 
 class GatedRowParallelLinear(RowParallelLinear):
-    """Stands in for another method's fc2 subclass (as WeSaR's gated linears)."""
+    """Stands in for another method's row-parallel subclass (as WeSaR's gated linears)."""
 
 
 def test_spec_wraps_whatever_classes_it_holds():
     config = tiny_config(**SMALL)
     spec = build_layer_spec(config, ExtensionConfig())
     mlp = spec.submodules.mlp
-    fc2 = ModuleSpec(module=GatedRowParallelLinear, params={"marker": 1})
-    spec.submodules.mlp = ModuleSpec(module=mlp.module, params=mlp.params, submodules=type(mlp.submodules)(
-        linear_fc1=mlp.submodules.linear_fc1, linear_fc2=fc2))
+    proj = ModuleSpec(module=GatedRowParallelLinear, params={"marker": 1})
+    spec.submodules.self_attention.submodules.linear_proj = proj
     wrapped = apply_to_layer_spec(spec, config, NormFormerConfig())
-    new_fc2 = wrapped.submodules.mlp.submodules.linear_fc2
-    assert issubclass(new_fc2.module, FFNNormMixin) and issubclass(new_fc2.module, GatedRowParallelLinear)
-    assert new_fc2.params == {"marker": 1}
-    proj = wrapped.submodules.self_attention.submodules.linear_proj
-    assert issubclass(proj, FoldedHeadScaleMixin)
-    assert issubclass(proj, spec.submodules.self_attention.submodules.linear_proj)
+    new_proj = wrapped.submodules.self_attention.submodules.linear_proj
+    assert issubclass(new_proj.module, FoldedHeadScaleMixin) and issubclass(new_proj.module, GatedRowParallelLinear)
+    assert new_proj.params == {"marker": 1}
+    new_mlp = wrapped.submodules.mlp
+    assert issubclass(new_mlp.module, FFNNormMixin) and issubclass(new_mlp.module, mlp.module)
+    assert new_mlp.submodules is mlp.submodules  # fc1 and fc2 (WeSaR's, when on) are kept
     assert wrapped.submodules.post_attention_norm is TorchNorm
     # One class per base, and no second layer of wrapping.
     again = apply_to_layer_spec(wrapped, config, NormFormerConfig())
-    assert again.submodules.mlp.submodules.linear_fc2.module is new_fc2.module
+    assert again.submodules.self_attention.submodules.linear_proj.module is new_proj.module
+    assert again.submodules.mlp.module is new_mlp.module
     fresh = apply_to_layer_spec(spec, config, NormFormerConfig())
-    assert fresh.submodules.mlp.submodules.linear_fc2.module is new_fc2.module
+    assert fresh.submodules.self_attention.submodules.linear_proj.module is new_proj.module
 
 
 def test_transformer_engine_layers_get_the_transformer_engine_norm():

@@ -21,6 +21,9 @@ SHAPES = {"gpt": SMALL, "llama-like": {**SMALL, **LLAMA_LIKE}}  # GELU/MHA/Layer
 # 32 token rows per micro-batch outnumber 16 features: the head scale (and WeSaR's gates)
 # fold into the weights instead of multiplying activations.
 FOLDING = {"narrow": {**SMALL, "hidden_size": 16, "ffn_hidden_size": 32}}
+# megatron's fused activations (--bias-gelu-fusion / --bias-swiglu-fusion): at TP=1 the
+# activation and the FFN norm are one compiled kernel, at TP=2 the activation is fused alone.
+FUSED = {f"{shape}-fused": {**overrides, "bias_activation_fusion": True} for shape, overrides in SHAPES.items()}
 PARTS = ("head_scale", "post_attention_norm", "ffn_norm", "residual_scale")
 OPTIONS = {  # each part alone, then all four
     **{part: NormFormerConfig(**{name: name == part for name in PARTS}) for part in PARTS},
@@ -29,6 +32,7 @@ OPTIONS = {  # each part alone, then all four
 PARALLEL = {"tp": {}, "tp+sp": {"sequence_parallel": True}}
 CASES = [(shape, option, parallel) for shape in SHAPES for option in OPTIONS for parallel in PARALLEL]
 CASES += [(shape, option, parallel) for shape in FOLDING for option in ("head_scale", "all") for parallel in PARALLEL]
+CASES += [(shape, "ffn_norm", parallel) for shape in FUSED for parallel in PARALLEL]
 ALL_THREE = ExtensionConfig(
     prores=ProResConfig(warmup=2), wesar=WeSaRConfig(), normformer=NormFormerConfig(residual_scale=True)
 )
@@ -46,7 +50,7 @@ def assert_same_grads(grads_tp2: dict, grads_tp1: dict) -> None:
 def normformer_world():
     """One TP=2 world: the FFN-norm kernel, the checkpoint layout and every model case."""
     cases = [
-        (ExtensionConfig(normformer=OPTIONS[option]), {**SHAPES, **FOLDING}[shape], PARALLEL[parallel])
+        (ExtensionConfig(normformer=OPTIONS[option]), {**SHAPES, **FOLDING, **FUSED}[shape], PARALLEL[parallel])
         for shape, option, parallel in CASES
     ]
     kernel, sharded, models = run_distributed(
@@ -78,7 +82,7 @@ def test_sharded_checkpoint_partitions_head_scale_and_ffn_norm(normformer_world)
         at = f"decoder.layers.{layer}."
         assert sharded[f"{at}self_attention.linear_proj.head_scale"] == ((heads // 2,), (layers, heads), (layer, 0))
         for param in ("weight", "bias"):
-            assert sharded[f"{at}mlp.linear_fc2.ffn_norm.{param}"] == ((ffn // 2,), (layers, ffn), (layer, 0))
+            assert sharded[f"{at}mlp.ffn_norm.{param}"] == ((ffn // 2,), (layers, ffn), (layer, 0))
             assert sharded[f"{at}post_attention_norm.{param}"] == ((hidden,), (layers, hidden), (layer, 0))
         assert sharded[f"{at}mlp_skip_scale.weight"] == ((hidden,), (layers, hidden), (layer, 0))
 
