@@ -7,7 +7,8 @@ The methods plug into the layer through three optional submodules of
   (bias included) before dropout and the residual add (ProRes' a(l, t)); built with
   ``layer_number``.
 * ``post_attention_norm``: a norm on the attention branch output after the output
-  projection and its bias, before dropout and the residual add (NormFormer).
+  projection and its bias, before dropout and the residual add (NormFormer); a torch
+  norm is compiled into the fused bias-dropout-add too.
 * ``mlp_skip_scale``: a module whose ``scale_factor()`` multiplies the skip path of the
   MLP sublayer (NormFormer's residual scale).
 
@@ -72,7 +73,32 @@ def scaled_bias_dropout_add(
     return residual.to(x.dtype) + torch.nn.functional.dropout(x, p=prob, training=training)
 
 
+def normed_scaled_bias_dropout_add(
+    x: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    residual: torch.Tensor,
+    norm_weight: torch.Tensor,
+    norm_bias: Optional[torch.Tensor],
+    eps: Optional[float],
+    rms: bool,
+    branch_scale: Optional[torch.Tensor],
+    skip_scale: Optional[torch.Tensor],
+    prob: float,
+    training: bool,
+) -> torch.Tensor:
+    """:func:`scaled_bias_dropout_add` of ``norm(x + bias)``, torch's LayerNorm (``rms=False``) or RMSNorm."""
+    if bias is not None:
+        x = x + bias
+    shape = (x.shape[-1],)
+    if rms:
+        x = torch.nn.functional.rms_norm(x, shape, norm_weight, eps)
+    else:
+        x = torch.nn.functional.layer_norm(x, shape, norm_weight, norm_bias, eps)
+    return scaled_bias_dropout_add(x, None, residual, branch_scale, skip_scale, prob, training)
+
+
 fused_scaled_bias_dropout_add = jit_fuser(scaled_bias_dropout_add)
+fused_normed_scaled_bias_dropout_add = jit_fuser(normed_scaled_bias_dropout_add)
 
 
 class BranchBiasDropoutAdd:
@@ -80,7 +106,9 @@ class BranchBiasDropoutAdd:
 
     The layer calls this object as it calls megatron's ``get_bias_dropout_add(training,
     fused)``: ``fused`` selects :data:`fused_scaled_bias_dropout_add` (one compiled
-    kernel) over the eager :func:`scaled_bias_dropout_add`.
+    kernel) over the eager :func:`scaled_bias_dropout_add`; a torch LayerNorm / RMSNorm
+    on the branch is compiled into the same kernel
+    (:data:`fused_normed_scaled_bias_dropout_add`), any other norm (TE's) runs before it.
     """
 
     def __init__(
@@ -98,10 +126,16 @@ class BranchBiasDropoutAdd:
 
         def bias_dropout_add(x_with_bias, residual: torch.Tensor, prob: float) -> torch.Tensor:
             out, bias = x_with_bias
-            if self.branch_norm is not None:
-                out = self.branch_norm(out if bias is None else out + bias)
+            scales = (_factor(self.branch_scale), _factor(self.skip_scale), prob, training)
+            norm = self.branch_norm
+            if fused and isinstance(norm, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
+                norm_bias = getattr(norm, "bias", None)
+                rms = isinstance(norm, torch.nn.RMSNorm)
+                return fused_normed_scaled_bias_dropout_add(out, bias, residual, norm.weight, norm_bias, norm.eps, rms, *scales)
+            if norm is not None:
+                out = norm(out if bias is None else out + bias)
                 bias = None
-            return add(out, bias, residual, _factor(self.branch_scale), _factor(self.skip_scale), prob, training)
+            return add(out, bias, residual, *scales)
 
         return bias_dropout_add
 

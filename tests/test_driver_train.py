@@ -36,13 +36,15 @@ def test_bias_dropout_fusion_trains_the_same_model(tmp_path, byte_dataset, monke
     from megatron_ext import layer
 
     calls = {"eager": 0, "fused": 0}
-    compiled = layer.fused_scaled_bias_dropout_add
 
-    def counted(*args):
-        calls[run] += 1
-        return compiled(*args)
+    def counted(compiled):
+        def call(*args):
+            calls[run] += 1
+            return compiled(*args)
+        return call
 
-    monkeypatch.setattr(layer, "fused_scaled_bias_dropout_add", counted)
+    for name in ("fused_scaled_bias_dropout_add", "fused_normed_scaled_bias_dropout_add"):
+        monkeypatch.setattr(layer, name, counted(getattr(layer, name)))
     runs = {}
     for run, extra in (("eager", []), ("fused", ["--bias-dropout-fusion"])):
         argv = tiny_flags(byte_dataset, save=tmp_path / run, eval_iters=0, train_iters=8) + METHOD_FLAGS + extra

@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from model_utils import batch, build, forward_loss, tiny_config
 from torch._dynamo.testing import CompileCounter
 from torch._dynamo.utils import counters
@@ -35,6 +36,20 @@ def test_branch_and_skip_scales_compile_into_one_graph_that_survives_step_update
         out = compiled(x, bias, residual, scale.scale_factor(), skip, 0.0, True)
         alpha = prores_alpha("linear", 2, step, 4, 4)
         torch.testing.assert_close(out, skip * residual + alpha * (x + bias))
+    assert counter.frame_count == 1
+
+
+@pytest.mark.parametrize("rms", [False, True], ids=["LayerNorm", "RMSNorm"])
+def test_post_attention_norm_compiles_into_the_same_graph(rms):
+    from megatron_ext.layer import normed_scaled_bias_dropout_add
+
+    counter = CompileCounter()
+    compiled = torch.compile(normed_scaled_bias_dropout_add, backend=counter, fullgraph=True)
+    x, bias, residual = torch.randn(3, 2, 8), torch.randn(8), torch.randn(3, 2, 8)
+    weight, norm_bias = torch.rand(8) + 0.5, None if rms else torch.randn(8)
+    out = compiled(x, bias, residual, weight, norm_bias, 1e-5, rms, torch.tensor(0.5), None, 0.0, True)
+    norm = F.rms_norm(x + bias, (8,), weight, 1e-5) if rms else F.layer_norm(x + bias, (8,), weight, norm_bias, 1e-5)
+    torch.testing.assert_close(out, residual + 0.5 * norm)
     assert counter.frame_count == 1
 
 
