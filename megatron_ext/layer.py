@@ -131,7 +131,9 @@ class BranchBiasDropoutAdd:
             if fused and isinstance(norm, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
                 norm_bias = getattr(norm, "bias", None)
                 rms = isinstance(norm, torch.nn.RMSNorm)
-                return fused_normed_scaled_bias_dropout_add(out, bias, residual, norm.weight, norm_bias, norm.eps, rms, *scales)
+                return fused_normed_scaled_bias_dropout_add(
+                    out, bias, residual, norm.weight, norm_bias, norm.eps, rms, *scales
+                )
             if norm is not None:
                 out = norm(out if bias is None else out + bias)
                 bias = None

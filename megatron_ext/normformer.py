@@ -225,7 +225,9 @@ class FFNNorm(MegatronModule):
         return f"width={self.width}, {'RMSNorm' if self.rms else 'LayerNorm'}, eps={self.eps}"
 
 
-def ffn_activation(x: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, silu: bool, approximate: str) -> torch.Tensor:
+def ffn_activation(
+    x: torch.Tensor, bias: Optional[torch.Tensor], glu: bool, silu: bool, approximate: str
+) -> torch.Tensor:
     """``act(x + bias)`` as megatron's dense MLP computes it: GeLU (``approximate="tanh"`` is
     megatron's fused bias-GeLU) or SiLU, gated (``act(x_1) * x_2`` over the halves) when ``glu``."""
     if bias is not None:
@@ -335,7 +337,8 @@ class HeadScaleMixin:
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
         metadata = ensure_metadata_has_dp_cp_group(metadata)
         own = _tp_sharded_state_dict({"head_scale": self.head_scale}, prefix, sharded_offsets, metadata)
-        return _replace_sharded(super().sharded_state_dict(prefix, sharded_offsets, metadata), f"{prefix}head_scale", own)
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return _replace_sharded(sharded, f"{prefix}head_scale", own)
 
 
 class FoldedHeadScaleMixin(HeadScaleMixin):
@@ -447,7 +450,9 @@ def apply_to_layer_spec(spec: ModuleSpec, config: TransformerConfig, cfg: NormFo
     if cfg.ffn_norm:
         mlp_class = mlp.module if isinstance(mlp, ModuleSpec) else mlp
         if not (isinstance(mlp_class, type) and issubclass(mlp_class, MLP)):
-            raise NotImplementedError(f"NormFormer's FFN norm needs megatron-core's dense MLP, the layer spec has {mlp!r}")
+            raise NotImplementedError(
+                f"NormFormer's FFN norm needs megatron-core's dense MLP, the layer spec has {mlp!r}"
+            )
         updates["mlp"] = _with_mixin(mlp, FFNNormMixin, "mlp")
     if cfg.residual_scale:
         updates["mlp_skip_scale"] = ResidualScale
