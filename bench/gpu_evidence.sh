@@ -3,8 +3,9 @@
 # root with the megatron-core cp312 wheel in .whl/ and tools/prepare_gpu_data.py's output in
 # data/gpu/ (both carried).
 #
-#   bash bench/gpu_evidence.sh check speed memory     # device call 1 (about 6 minutes)
-#   bash bench/gpu_evidence.sh convergence            # device call 2 (about 8 minutes)
+#   bash bench/gpu_evidence.sh check speed            # device call 1 (about 7 minutes)
+#   bash bench/gpu_evidence.sh memory                 # device call 2 (about 2 minutes)
+#   bash bench/gpu_evidence.sh convergence            # device call 3 (about 8 minutes)
 #
 # Stages: check (a 30-iteration pretrain_gpt.py run of the convergence model: the GPU path
 # works, and its tokens/s), speed (bench/step_time.py), memory (bench/memory_13b.py),
@@ -12,12 +13,15 @@
 # A failing stage does not stop the next. Everything lands in $OUT (default: runs/gpu_evidence):
 # the JSON results, the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl.
 # CONV_ITERS (default 500) and CONV_TIMEOUT (seconds, default 480) bound the convergence stage.
+# DRIVER_FLAGS (default none) go to every pretrain_gpt.py run and every step_time.py variant,
+# e.g. DRIVER_FLAGS="--no-bias-dropout-fusion --no-bias-gelu-fusion" if torch.compile fails there.
 set -u -o pipefail
 
 OUT=${OUT:-runs/gpu_evidence}
 WORK=${WORK:-/tmp/gpu_evidence}
 CONV_ITERS=${CONV_ITERS:-500}
 CONV_TIMEOUT=${CONV_TIMEOUT:-480}
+DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
 export PYTHONUNBUFFERED=1
@@ -46,8 +50,9 @@ ORDER=(baseline prores wesar normformer all baseline-lr10x all-lr10x)
 
 train() {  # train NAME ITERS EXTRA...: one pretrain_gpt.py run into $WORK/runs/NAME (RUN_TIMEOUT s, 0: none)
     local name=$1 iters=$2; shift 2
+    # shellcheck disable=SC2086  # DRIVER_FLAGS is a flag list
     timeout "${RUN_TIMEOUT:-0}" python3 pretrain_gpt.py --config bench/convergence_small.yaml --device cuda --bf16 "${DATA[@]}" \
-        --train-iters "$iters" --tensorboard-dir "$WORK/runs/$name" --data-cache-path "$WORK/cache/$name" "$@"
+        --train-iters "$iters" --tensorboard-dir "$WORK/runs/$name" --data-cache-path "$WORK/cache/$name" "$@" $DRIVER_FLAGS
 }
 
 stage_check() {
@@ -55,7 +60,7 @@ stage_check() {
         --prores --prores-warmup 2 --wesar --normformer
 }
 
-stage_speed() { python3 bench/step_time.py --output "$OUT/step_time.json"; }
+stage_speed() { python3 bench/step_time.py --extra-flags="$DRIVER_FLAGS" --output "$OUT/step_time.json"; }
 
 stage_memory() { python3 bench/memory_13b.py --output "$OUT/memory_13b.json"; }
 
