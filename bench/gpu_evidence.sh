@@ -1,4 +1,5 @@
 #!/usr/bin/env bash
+# shellcheck disable=SC2329  # train and the stage_* functions are called indirectly ("stage_$stage")
 # GPU evidence for issue 8 on one H100 (docs/GPU_EVIDENCE_PLAN.md): run from the repository
 # root with the megatron-core cp312 wheel in .whl/ and tools/prepare_gpu_data.py's output in
 # data/gpu/ (both carried).
@@ -79,7 +80,7 @@ stage_convergence() {
     python3 tools/plot_runs.py "${dirs[@]}" --labels "${ORDER[@]}" --output "$OUT/convergence.png" \
         --title "GPT 12x512, seq 512, Wikipedia (AA+AB train, AC valid), $CONV_ITERS x 64 x 512 tokens" \
         | tee "$OUT/convergence.md"
-    return $rc
+    return "$rc"
 }
 
 status=0

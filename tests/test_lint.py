@@ -26,9 +26,9 @@ def linter(name: str) -> str:
 
 
 def shell_scripts() -> list[Path]:
-    """*.sh files and files with a shell shebang under examples/ and docker/."""
+    """*.sh files and files with a shell shebang under examples/, docker/, bench/ and tools/."""
     scripts = set()
-    for root in ("examples", "docker"):
+    for root in ("examples", "docker", "bench", "tools"):
         for path in (REPO / root).rglob("*"):
             if not path.is_file():
                 continue
@@ -41,7 +41,7 @@ def shell_scripts() -> list[Path]:
 
 def test_there_are_scripts_to_lint():
     names = {p.relative_to(REPO).as_posix() for p in shell_scripts()}
-    assert {"examples/slurm/pretrain_gpt.sh", "docker/build.sh", "docker/run.sh"} <= names
+    assert {"examples/slurm/pretrain_gpt.sh", "docker/build.sh", "docker/run.sh", "bench/gpu_evidence.sh"} <= names
 
 
 @pytest.mark.parametrize("script", shell_scripts(), ids=lambda p: p.relative_to(REPO).as_posix())
