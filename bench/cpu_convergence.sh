@@ -23,7 +23,8 @@ mkdir -p "$DATA" "$RUNS"
 
 if [ ! -f "$DATA/wiki.txt" ]; then
     # The first 6 MB of shard AA, whole articles only.
-    xz -dc "$WIKI" | head -c 6000000 | awk '/<\/doc>/ { last = NR } { lines[NR] = $0 } END { for (i = 1; i <= last; i++) print lines[i] }' > "$DATA/wiki.txt"
+    # (xz ends on SIGPIPE, status 141, once head has its bytes)
+    { xz -dc "$WIKI" || [ $? -eq 141 ]; } | head -c 6000000 | awk '/<\/doc>/ { last = NR } { lines[NR] = $0 } END { for (i = 1; i <= last; i++) print lines[i] }' > "$DATA/wiki.txt"
 fi
 [ -f "$DATA/tok.model" ] || "$PYTHON" tools/train_tokenizer.py --input "$DATA/wiki.txt" \
     --model-prefix "$DATA/tok" --vocab-size 4000 --model-type bpe --max-sentences 200000
