@@ -21,12 +21,15 @@ bias-dropout-add callables are left untouched.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from dataclasses import dataclass, fields
 from typing import Callable, Optional, Union
 
 import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.jit import jit_fuser
+from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_layer import (
     TransformerLayer,
@@ -146,11 +149,38 @@ def _factor(scale: Optional[torch.nn.Module]) -> Optional[torch.Tensor]:
     return None if scale is None else scale.scale_factor()
 
 
+class _UnknownMLPTypeFilter(logging.Filter):
+    """Drops megatron's "Unknown MLP type" warning (see :func:`_building_mlp_subclass`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Unknown MLP type")
+
+
+@contextlib.contextmanager
+def _building_mlp_subclass(submodules: TransformerLayerSubmodules):
+    """megatron-core's ``TransformerLayer`` hands its TP group only to an MLP spec whose
+    module is exactly ``MLP`` and warns, once per layer, for any other class. A subclass of
+    ``MLP`` (NormFormer's FFN-norm MLP) then takes megatron's default TP group, the same one
+    for the default process groups this project uses, so the warning is dropped for it."""
+    mlp = submodules.mlp
+    module = mlp.module if isinstance(mlp, ModuleSpec) else None
+    if not (isinstance(module, type) and issubclass(module, MLP) and module is not MLP):
+        yield
+        return
+    layer_logger, quiet = logging.getLogger(TransformerLayer.__module__), _UnknownMLPTypeFilter()
+    layer_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        layer_logger.removeFilter(quiet)
+
+
 class ExtTransformerLayer(TransformerLayer):
     """``TransformerLayer`` whose residual branches carry the optional hooks above."""
 
     def __init__(self, config, submodules: ExtTransformerLayerSubmodules, *args, **kwargs) -> None:
-        super().__init__(config, submodules, *args, **kwargs)
+        with _building_mlp_subclass(submodules):
+            super().__init__(config, submodules, *args, **kwargs)
         norm_kwargs = dict(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.branch_scale = self._build(submodules.branch_scale, config=config, layer_number=self.layer_number)
         self.post_attention_norm = self._build(submodules.post_attention_norm, **norm_kwargs)

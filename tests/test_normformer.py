@@ -8,6 +8,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.extensions.transformer_engine import TENorm
 from megatron.core.tensor_parallel import RowParallelLinear
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -221,6 +222,16 @@ def test_folded_head_scale_does_no_activation_sized_work():
     weight = proj.weight.numel()
     # forward s * W; backward s * dW and W * dW (reduced to d s): no multiply writes an activation
     assert 0 < census.written["mul"] <= 3 * weight < x.numel()
+
+
+def test_ffn_norm_mlp_builds_without_megatrons_unknown_mlp_warning(caplog):
+    """megatron warns for every MLP class but its own; the subclass takes the same TP group."""
+    megatron_layer_logger = logging.getLogger("megatron.core.transformer.transformer_layer")
+    with caplog.at_level(logging.WARNING, logger=megatron_layer_logger.name):
+        model = build(tiny_config(**SMALL), ExtensionConfig(normformer=NormFormerConfig()))
+    assert "Unknown MLP type" not in caplog.text
+    assert not megatron_layer_logger.filters  # only while the layers are built
+    assert all(layer.mlp.tp_group is parallel_state.get_tensor_model_parallel_group() for layer in model.decoder.layers)
 
 
 def test_parameter_overhead_is_counted_and_logged(caplog):
