@@ -31,7 +31,13 @@ def initialize_cpu_parallel(
     virtual_pipeline_model_parallel_size: Optional[int] = None,
     seed: int = 1234,
 ) -> None:
-    """Join (or create) a gloo world and build megatron-core's parallel groups on it."""
+    """Join (or create) a gloo world and build megatron-core's parallel groups on it.
+
+    Called again (tests rebuild the groups for each layout), it first destroys every
+    process group but the default one: megatron-core's ``destroy_model_parallel`` only
+    forgets most of them, and each forgotten gloo group keeps its threads and sockets for
+    the life of the process.
+    """
     if not dist.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
@@ -40,6 +46,8 @@ def initialize_cpu_parallel(
             rank=int(os.environ.get("RANK", 0)),
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
         )
+    elif parallel_state.model_parallel_is_initialized():
+        _destroy_subgroups()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size,
@@ -47,6 +55,14 @@ def initialize_cpu_parallel(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     cpu_manual_seed(seed)
+
+
+def _destroy_subgroups() -> None:
+    """Destroy every process group of this process but the default one (as megatron-core
+    itself does for its gloo groups, through torch's group map)."""
+    for group in list(dist.distributed_c10d._world.pg_map):
+        if group is not dist.GroupMember.WORLD:
+            dist.destroy_process_group(group)
 
 
 def allreduce_sequence_parallel_grads(model_chunks: Iterable[torch.nn.Module]) -> None:

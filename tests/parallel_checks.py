@@ -165,11 +165,10 @@ def tp_cases_loss_and_grads(rank, world, cases: list, step: int = 0, perturb_see
     ``tp2_overrides`` (e.g. sequence parallelism) apply at TP=2 only. With ``perturb_seed``
     the NormFormer parameters get TP-invariant values away from their init first.
     """
-    results = []
-    for extensions, overrides, tp2_overrides in cases:
-        per_tp = {}
-        for tp in (2, 1):
-            initialize_cpu_parallel(tp, 1)
+    results = [{} for _ in cases]
+    for tp in (2, 1):  # one set of groups per TP size, not per case
+        initialize_cpu_parallel(tp, 1)
+        for per_tp, (extensions, overrides, tp2_overrides) in zip(results, cases):
             model = build(tiny_config(**overrides, **(tp2_overrides if tp > 1 else {})), extensions)
             set_prores_step(model, step)
             if perturb_seed is not None:
@@ -183,8 +182,7 @@ def tp_cases_loss_and_grads(rank, world, cases: list, step: int = 0, perturb_see
                 for name, p in model.named_parameters()
             }
             per_tp[tp] = (float(loss), grads)
-        results.append(per_tp if rank == 0 else None)
-    return results
+    return [per_tp if rank == 0 else None for per_tp in results]
 
 
 def _gather_last_dim(shard: torch.Tensor) -> torch.Tensor:
