@@ -100,6 +100,21 @@ class ModelShape:
         return self.hidden_size // self.num_attention_heads
 
     @property
+    def query_size(self) -> int:
+        """Width of the queries, W^O's input: heads x kv_channels."""
+        return self.kv_channels * self.num_attention_heads
+
+    @property
+    def qkv_size(self) -> int:
+        """Output width of the fused QKV linear: queries plus keys and values of every group."""
+        return self.query_size + 2 * self.kv_channels * self.query_groups
+
+    @property
+    def fc1_size(self) -> int:
+        """Output width of fc1: the FFN width, twice it under SwiGLU (gate and up halves)."""
+        return 2 * self.ffn_size if self.swiglu else self.ffn_size
+
+    @property
     def max_positions(self) -> int:
         return self.max_position_embeddings or self.seq_length
 
@@ -200,9 +215,7 @@ def layer_parameters(model: ModelShape, tensor_parallel: int = 1) -> int:
     """
     t = tensor_parallel
     h, f = model.hidden_size, model.ffn_size
-    query = model.kv_channels * model.num_attention_heads
-    qkv = query + 2 * model.kv_channels * model.query_groups
-    fc1 = 2 * f if model.swiglu else f
+    query, qkv, fc1 = model.query_size, model.qkv_size, model.fc1_size
     count = 2 * _norm_parameters(model, h)
     count += (qkv * h + query * h + fc1 * h + f * h) // t
     if model.add_bias_linear:
@@ -279,9 +292,8 @@ def layer_activation_bytes(model: ModelShape, layout: Layout) -> float:
     t = layout.tensor_model_parallel_size
     f = model.ffn_size
     kv = model.kv_channels * model.query_groups
-    fc1 = 2 * f if model.swiglu else f
     replicated = s * b * (10 * h)
-    split = s * b * (2 * h + 4 * kv + 2 * h + 2 * fc1 + 2 * f)
+    split = s * b * (2 * h + 4 * kv + 2 * h + 2 * model.fc1_size + 2 * f)
     if model.normformer_ffn_norm and not (layout.activation_fusion and t == 1):
         split += s * b * 2 * f  # the norm's input, the activation's output
     if model.normformer_post_attention_norm:
@@ -307,9 +319,7 @@ def scaled_linear_saved_elements(model: ModelShape, layout: Layout) -> int:
     rows = model.seq_length * layout.micro_batch_size
     t = layout.tensor_model_parallel_size
     h, f = model.hidden_size, model.ffn_size
-    query = model.kv_channels * model.num_attention_heads
-    qkv = query + 2 * model.kv_channels * model.query_groups
-    fc1 = 2 * f if model.swiglu else f
+    query, qkv, fc1 = model.query_size, model.qkv_size, model.fc1_size
     count = 0
     if model.wesar:  # (input features, output features) of qkv, proj, fc1, fc2 on this rank; gates on outputs
         for inputs, outputs in ((h, qkv // t), (query // t, h), (h, fc1 // t), (f // t, h)):
