@@ -36,6 +36,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
+from megatron_ext.norms import norm_last_dim
+
 SubmoduleSpec = Optional[Union[ModuleSpec, type]]
 
 
@@ -90,14 +92,8 @@ def normed_scaled_bias_dropout_add(
     training: bool,
 ) -> torch.Tensor:
     """:func:`scaled_bias_dropout_add` of ``norm(x + bias)``, torch's LayerNorm (``rms=False``) or RMSNorm."""
-    if bias is not None:
-        x = x + bias
-    shape = (x.shape[-1],)
-    if rms:
-        x = torch.nn.functional.rms_norm(x, shape, norm_weight, eps)
-    else:
-        x = torch.nn.functional.layer_norm(x, shape, norm_weight, norm_bias, eps)
-    return scaled_bias_dropout_add(x, None, residual, branch_scale, skip_scale, prob, training)
+    normed = norm_last_dim(x if bias is None else x + bias, norm_weight, norm_bias, eps, rms)
+    return scaled_bias_dropout_add(normed, None, residual, branch_scale, skip_scale, prob, training)
 
 
 fused_scaled_bias_dropout_add = jit_fuser(scaled_bias_dropout_add)

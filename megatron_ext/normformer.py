@@ -48,7 +48,7 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from megatron_ext.linear_scaling import scale_on_weight
-from megatron_ext.norms import TorchNorm
+from megatron_ext.norms import TorchNorm, norm_last_dim
 
 logger = logging.getLogger(__name__)
 
@@ -210,9 +210,7 @@ class FFNNorm(MegatronModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp_size == 1:  # the whole width is local: torch's own fused kernel
-            if self.rms:
-                return torch.nn.functional.rms_norm(x, (self.width,), self.weight, self.eps)
-            return torch.nn.functional.layer_norm(x, (self.width,), self.weight, self.bias, self.eps)
+            return norm_last_dim(x, self.weight, self.bias, self.eps, self.rms)
         return sharded_width_norm(
             x, self.weight, self.bias, width=self.width, eps=self.eps, rms=self.rms, group=self.tp_group
         )
@@ -243,10 +241,7 @@ def ffn_activation_norm(
     eps: float, rms: bool, glu: bool, silu: bool, approximate: str,
 ) -> torch.Tensor:
     """``FFNNorm(act(x + bias))`` over the whole (unsharded) FFN width, for one compiled kernel."""
-    y = ffn_activation(x, bias, glu, silu, approximate)
-    if rms:
-        return torch.nn.functional.rms_norm(y, (y.shape[-1],), weight, eps)
-    return torch.nn.functional.layer_norm(y, (y.shape[-1],), weight, norm_bias, eps)
+    return norm_last_dim(ffn_activation(x, bias, glu, silu, approximate), weight, norm_bias, eps, rms)
 
 
 fused_ffn_activation = jit_fuser(ffn_activation)

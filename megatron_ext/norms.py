@@ -11,6 +11,8 @@ megatron-core's ``finalize_model_grads`` on the GPU path and by
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -31,3 +33,13 @@ class TorchNorm:
         for param in norm.parameters():
             param.sequence_parallel = config.sequence_parallel
         return norm
+
+
+def norm_last_dim(
+    x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], eps: Optional[float], rms: bool
+) -> torch.Tensor:
+    """torch's ``layer_norm`` (``rms=False``) or ``rms_norm`` over the last dimension of ``x``."""
+    shape = (x.shape[-1],)
+    if rms:
+        return torch.nn.functional.rms_norm(x, shape, weight, eps)
+    return torch.nn.functional.layer_norm(x, shape, weight, bias, eps)
