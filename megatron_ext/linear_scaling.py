@@ -8,7 +8,8 @@ saved for the backward) is activation-sized in the first case and weight-sized i
 second. The weight side is the cheaper one when a micro-batch has more token rows than
 the activation the scale would multiply has features (every linear of the 125M to
 1.3B examples; not q/k/v and fc1 of the 13B example, whose 5120 inputs exceed its
-4096 token rows per micro-batch).
+4096 token rows per micro-batch). :func:`scale_weight` does the weight side with the
+scale's gradient as dot products, no weight-sized temporary.
 """
 
 from __future__ import annotations
@@ -30,3 +31,36 @@ def scale_on_weight(input_: torch.Tensor, weight: torch.Tensor, activation_width
     its input features (``weight.shape[1]``) for an input scale.
     """
     return weight.numel() < token_rows(input_, gathered) * activation_width
+
+
+class _ScaleRows(torch.autograd.Function):
+    """``weight * scale[:, None]`` for a 2-D ``weight`` and a ``scale`` of its rows (or one value).
+
+    The backward computes the scale's gradient as one dot product per row,
+    ``d scale_i = <d W_eff_i, W_i>`` (``torch.dot`` for one value, a batched dot product
+    otherwise), instead of autograd's weight-sized product followed by a sum.
+    """
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(weight, scale)
+        return weight * scale.view(-1, 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        weight, scale = ctx.saved_tensors
+        grad_weight = grad_scale = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = grad * scale.view(-1, 1)
+        if ctx.needs_input_grad[1]:
+            if scale.numel() == 1:
+                grad_scale = torch.dot(grad.reshape(-1), weight.reshape(-1)).view(1)
+            else:
+                grad_scale = torch.einsum("ij,ij->i", grad, weight)
+        return grad_weight, grad_scale
+
+
+def scale_weight(weight: torch.Tensor, scale: torch.Tensor, dim: int = 0) -> torch.Tensor:
+    """``weight`` times ``scale`` along ``dim`` (one value, or one per row / column of a 2-D
+    ``weight``); the scale's gradient is computed as dot products (:class:`_ScaleRows`)."""
+    return _ScaleRows.apply(weight.transpose(0, dim), scale).transpose(0, dim)

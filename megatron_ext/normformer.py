@@ -47,7 +47,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide
 
-from megatron_ext.linear_scaling import scale_on_weight
+from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
 
 logger = logging.getLogger(__name__)
@@ -348,7 +348,8 @@ class FoldedHeadScaleMixin(HeadScaleMixin):
         if scale_on_weight(input, weight, weight.shape[1]):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            return super()._forward_impl(input, weight * self.column_scale(weight.dtype), *args, **kwargs)
+            folded = scale_weight(weight, self.column_scale(weight.dtype), dim=1)
+            return super()._forward_impl(input, folded, *args, **kwargs)
         return super()._forward_impl(input * self.column_scale(input.dtype), weight, *args, **kwargs)
 
 

@@ -63,7 +63,7 @@ from megatron.core.utils import (
     log_single_rank,
 )
 
-from megatron_ext.linear_scaling import scale_on_weight
+from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 
 logger = logging.getLogger(__name__)
 
@@ -187,33 +187,6 @@ def _new_gate(value: float, device: torch.device) -> torch.nn.Parameter:
     return gate
 
 
-class _ScaleRows(torch.autograd.Function):
-    """``weight * scale[:, None]`` for a 2-D ``weight`` and a ``scale`` of its rows (or one value).
-
-    The backward computes the scale's gradient as one dot product per row,
-    ``d scale_i = <d W_eff_i, W_i>`` (``torch.dot`` for one value, a batched dot product
-    otherwise), instead of autograd's weight-sized product followed by a sum.
-    """
-
-    @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(weight, scale)
-        return weight * scale.view(-1, 1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        weight, scale = ctx.saved_tensors
-        grad_weight = grad_scale = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad * scale.view(-1, 1)
-        if ctx.needs_input_grad[1]:
-            if scale.numel() == 1:
-                grad_scale = torch.dot(grad.reshape(-1), weight.reshape(-1)).view(1)
-            else:
-                grad_scale = torch.einsum("ij,ij->i", grad, weight)
-        return grad_weight, grad_scale
-
-
 class WeSaRGates(torch.nn.Module):
     """The gates of one linear or embedding.
 
@@ -260,8 +233,7 @@ class WeSaRGates(torch.nn.Module):
 
     def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
         """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
-        scale = self.feature_scale().to(weight.dtype)
-        return _ScaleRows.apply(weight.transpose(0, feature_dim), scale).transpose(0, feature_dim)
+        return scale_weight(weight, self.feature_scale().to(weight.dtype), feature_dim)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

@@ -162,13 +162,24 @@ def test_auto_placement_adds_no_activation_sized_work_when_tokens_outnumber_feat
 
 @pytest.mark.parametrize("rows", [1, 5], ids=["one-gate", "gate-per-row"])
 def test_weight_side_gate_backward_matches_finite_differences(rows):
-    from megatron_ext.wesar import _ScaleRows
+    from megatron_ext.linear_scaling import _ScaleRows
 
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(5, 7, dtype=torch.float64, generator=g).requires_grad_()
     scale = torch.randn(rows, dtype=torch.float64, generator=g).requires_grad_()
     torch.testing.assert_close(_ScaleRows.apply(weight, scale), weight * scale.view(-1, 1), rtol=0, atol=0)
     assert torch.autograd.gradcheck(_ScaleRows.apply, (weight, scale))
+
+
+def test_column_scale_of_a_weight_matches_finite_differences():
+    """The head scale's form: one factor per input column of W^O."""
+    from megatron_ext.linear_scaling import scale_weight
+
+    g = torch.Generator().manual_seed(1)
+    weight = torch.randn(5, 7, dtype=torch.float64, generator=g).requires_grad_()
+    columns = torch.randn(7, dtype=torch.float64, generator=g).requires_grad_()
+    torch.testing.assert_close(scale_weight(weight, columns, dim=1), weight * columns, rtol=0, atol=0)
+    assert torch.autograd.gradcheck(lambda w, c: scale_weight(w, c, dim=1), (weight, columns))
 
 
 def train(model, optimizer, steps: int) -> None:
