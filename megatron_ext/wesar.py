@@ -40,6 +40,7 @@ from typing import Iterable, Optional, Union
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer.optimizer_config import ParamKey, ParamPredicate
 from megatron.core.optimizer_param_scheduler import ParamGroupOverride
@@ -190,11 +191,14 @@ def _new_gate(value: float, device: torch.device) -> torch.nn.Parameter:
 class WeSaRGates(torch.nn.Module):
     """The gates of one linear or embedding.
 
-    Each gate is a 0-d fp32 parameter named after its matrix kind. ``column_gate`` maps
-    every local output feature (a column of the output, a row of the weight) to the
+    Each gate is a 0-d parameter named after its matrix kind, created fp32. ``column_gate``
+    maps every local output feature (a column of the output, a row of the weight) to the
     index of its gate (``None``: one gate for all). ``reduce_grad`` all-reduces the
-    gates' gradient over ``tp_group`` (see module doc). Gates stay fp32 when the model is
-    cast to bf16/fp16.
+    gates' gradient over ``tp_group`` (see module doc). Under bf16/fp16 the gates are cast
+    with the model, like megatron's norm gains: the mixed-precision optimizer keeps their
+    fp32 master values and fp32 state (METHODS.md's "gates in fp32"), and megatron-core's
+    Float16 and distributed optimizers cannot checkpoint fp32 parameters inside a
+    half-precision parameter group.
     """
 
     def __init__(
@@ -210,6 +214,9 @@ class WeSaRGates(torch.nn.Module):
         self.register_buffer("column_gate", column_gate, persistent=False)
         self.reduce_grad = reduce_grad
         self.tp_group = tp_group
+        # A tied output layer's gates: "shared" (the embedding's own parameter) or "copy"
+        # (the last pipeline stage's); they checkpoint as the embedding's gate.
+        self.tied_to_embedding: Optional[str] = None
 
     @classmethod
     def create(
@@ -235,20 +242,27 @@ class WeSaRGates(torch.nn.Module):
         """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
         return scale_weight(weight, self.feature_scale().to(weight.dtype), feature_dim)
 
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        for gate in self._parameters.values():
-            if gate.dtype != torch.float32:
-                gate.data = gate.data.float()
-        return self
-
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
-        """The gates as checkpoint tensors replicated over TP (never TP-partitioned)."""
+        """The gates as checkpoint tensors replicated over TP (never TP-partitioned).
+
+        A tied output layer's gate is the embedding's: one checkpoint entry, loadable under
+        any pipeline split. Where it is the embedding's own parameter (one stage) it is not
+        stored again; the last pipeline stage's copy is stored under the embedding gate's
+        key as a non-main replica, as megatron-core does for the tied matrix.
+        """
+        if self.tied_to_embedding == "shared":
+            return {f"{prefix}{name}": LocalNonpersistentObject(gate) for name, gate in self._parameters.items()}
         metadata = ensure_metadata_has_dp_cp_group(metadata)
-        return make_sharded_tensors_for_checkpoint(
+        sharded = make_sharded_tensors_for_checkpoint(
             self.state_dict(prefix="", keep_vars=True), prefix, None, sharded_offsets,
             tp_group=get_tensor_model_parallel_group_if_none(self.tp_group), dp_cp_group=metadata["dp_cp_group"],
         )
+        if self.tied_to_embedding == "copy":
+            model_prefix = prefix.removesuffix("output_layer.wesar.")
+            for name, tensor in sharded.items():
+                tensor.key = f"{model_prefix}embedding.word_embeddings.wesar.{name.removeprefix(prefix)}"
+                tensor.replica_id = (1, *tensor.replica_id[1:])
+        return sharded
 
     def extra_repr(self) -> str:
         gates = ", ".join(f"{k}={float(v):.4g}" for k, v in self._parameters.items())
@@ -336,7 +350,16 @@ def gate_on_weight(placement: str, input_: torch.Tensor, weight: torch.Tensor, g
 # ---------------------------------------------------------------------------------------
 
 
-class _Gating:
+class _CheckpointsGates:
+    """Mixin: the module's ``wesar`` gates checkpoint through ``WeSaRGates.sharded_state_dict``."""
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
+        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        sharded.update(self.wesar.sharded_state_dict(f"{prefix}wesar.", sharded_offsets, metadata))
+        return sharded
+
+
+class _Gating(_CheckpointsGates):
     """Mixin for a tensor-parallel linear: base weight from N(0, std^2), WeSaR gates.
 
     ``matrix`` names the gated matrix: ``"qkv"`` (q, k, v gates), ``"ffn_in"`` (two
@@ -420,16 +443,11 @@ class WeSaRRowParallelLinear(_ShardGating, RowParallelLinear):
         return _add_bias(self, *super().forward(input_))
 
 
-class WeSaRVocabParallelEmbedding(VocabParallelEmbedding):
+class WeSaRVocabParallelEmbedding(_CheckpointsGates, VocabParallelEmbedding):
     """megatron-core's ``VocabParallelEmbedding`` with a WeSaR gate on its output."""
 
     def forward(self, input_: torch.Tensor) -> torch.Tensor:
         return self.wesar.scale_output(super().forward(input_))
-
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
-        sharded = super().sharded_state_dict(prefix, sharded_offsets, metadata)
-        sharded.update(self.wesar.sharded_state_dict(f"{prefix}wesar.", sharded_offsets, metadata))
-        return sharded
 
     @classmethod
     def gate_in_place(cls, embedding: VocabParallelEmbedding, gates: WeSaRGates) -> None:
@@ -571,11 +589,13 @@ def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig)
     if tied and cfg.embedding:
         if embedding_gates is not None:
             gates = WeSaRGates(dict(embedding_gates.named_parameters()), None, reduce_grad=True, tp_group=tp_group)
+            gates.tied_to_embedding = "shared"
         else:  # last pipeline stage: its own copy of the embedding and of its gate
             _rescale_to_base_std(output.weight, embedding_std, config, cfg)
             gates = WeSaRGates.create({"embedding": embedding_std / cfg.std}, output.weight.device,
                                       reduce_grad=True, tp_group=tp_group)
             _mark_tied_gate(gates.embedding, last_stage_copy=True)
+            gates.tied_to_embedding = "copy"
     elif not tied and cfg.output_layer:
         _rescale_to_base_std(output.weight, _normal_std(config.init_method, "init_method"), config, cfg)
         gates = WeSaRGates.create(_gate_values(["lm_head"], config, cfg), output.weight.device,
@@ -696,20 +716,36 @@ def optimizer_overrides(
     """``config_overrides`` for megatron-core's ``get_megatron_optimizer`` (0.16.1).
 
     megatron's standard rule (no weight decay for biases and 1-D parameters, which never
-    match a 0-d gate) plus one override for the gates: their weight decay is the constant
-    ``cfg.gate_weight_decay`` (``start_wd = end_wd``, exact for any ``weight_decay``
-    including 0), and with ``cfg.gate_lr_mult != 1`` their ``max_lr``/``min_lr`` are
-    ``lr``/``min_lr`` times the multiplier (megatron's scheduler reads no lr_mult), which
-    scales the whole schedule exactly when its ``init_lr`` is 0.
+    match a 0-d gate) plus one override for the gates. megatron-core matches a
+    checkpoint's parameter groups to the optimizer's by ``(wd_mult, lr_mult,
+    is_expert_parallel, is_decoupled_lr)`` alone, so the gates' settings live in those
+    fields and equal fields mean equal settings:
+
+    - weight decay ``cfg.gate_weight_decay``: 0 is ``wd_mult = 0`` (the vectors' group
+      when the LR is the same); otherwise ``wd_mult = gate_weight_decay`` on a constant
+      ``start_wd = end_wd = 1``, exact for any model ``weight_decay``;
+    - ``cfg.gate_lr_mult != 1``: ``max_lr``/``min_lr`` are ``lr``/``min_lr`` times the
+      multiplier (megatron's scheduler reads no lr_mult; that scales the whole schedule
+      exactly when its ``init_lr`` is 0), and ``lr_mult`` names the group.
+
+    A gate weight decay of exactly 1 at the base LR would share the matrices' key and
+    is rejected.
     """
     if weight_decay < 0:
         raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
     no_wd = ParamKey(name="*.bias", predicate=ParamPredicate(name="param_len_1", fn=lambda p: len(p.shape) == 1))
-    gate_override = ParamGroupOverride(wd_mult=1.0, start_wd=cfg.gate_weight_decay, end_wd=cfg.gate_weight_decay)
+    if cfg.gate_weight_decay == 0.0:
+        gate_override = ParamGroupOverride(wd_mult=0.0)
+    elif cfg.gate_weight_decay == 1.0 and cfg.gate_lr_mult == 1.0:
+        raise ValueError("WeSaR gate weight decay 1.0 at gate LR multiplier 1 (--wesar-gate-weight-decay, "
+                         "--wesar-gate-lr-mult) gives the gates the weight matrices' parameter-group key "
+                         "(wd_mult 1, lr_mult 1), which megatron-core's checkpoint loading cannot tell apart")
+    else:
+        gate_override = ParamGroupOverride(wd_mult=cfg.gate_weight_decay, start_wd=1.0, end_wd=1.0)
     if cfg.gate_lr_mult != 1.0:
         if lr is None:
             raise ValueError("WeSaR gate_lr_mult != 1 (--wesar-gate-lr-mult) needs optimizer_overrides(lr=..., min_lr=...)")
-        gate_override.update(max_lr=lr * cfg.gate_lr_mult, min_lr=min_lr * cfg.gate_lr_mult)
+        gate_override.update(lr_mult=cfg.gate_lr_mult, max_lr=lr * cfg.gate_lr_mult, min_lr=min_lr * cfg.gate_lr_mult)
     return {no_wd: ParamGroupOverride(wd_mult=0.0), ParamKey(attr="wesar_gate"): gate_override}
 
 

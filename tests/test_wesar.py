@@ -7,9 +7,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedTensor
 from megatron.core.models.gpt import GPTModel
 from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+from megatron.core.optimizer.optimizer import MegatronOptimizer, param_group_identifier_keys
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from model_utils import LLAMA_LIKE, SEQ, VOCAB, batch, build, forward_loss, logits, tiny_config
 
@@ -298,6 +299,33 @@ def test_megatron_optimizer_overrides_give_gates_their_own_wd_and_lr():
         optimizer_overrides(cfg, 0.1)
 
 
+@pytest.mark.parametrize("gate_wd, gate_lr_mult", [(0.0, 1.0), (0.05, 1.0), (0.0, 0.25), (0.05, 0.25), (1.0, 2.0)])
+def test_checkpoint_loading_maps_every_megatron_param_group_to_itself(gate_wd, gate_lr_mult):
+    """megatron-core restores optimizer groups by their (wd_mult, lr_mult, ...) key alone:
+    the gates' group must have its own key, or a resume hands it another group's state."""
+    cfg = WeSaRConfig(gate_weight_decay=gate_wd, gate_lr_mult=gate_lr_mult)
+    _, model = wesar_model("gpt", cfg)
+    overrides = optimizer_overrides(cfg, 0.1, lr=1e-3, min_lr=1e-4)
+    groups = _get_param_groups([model], OptimizerConfig(lr=1e-3, min_lr=1e-4, weight_decay=0.1), overrides)
+    keys = [tuple(g[k] for k in param_group_identifier_keys) for g in groups]
+    assert len(set(keys)) == len(keys)
+    saved = [dict(g, params=list(range(len(g["params"])))) for g in groups]
+    restored = MegatronOptimizer._filter_and_reorder_param_groups(groups, list(reversed(saved)))
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in groups]
+    assert [{k: v for k, v in g.items() if k != "params"} for g in restored] == settings
+    gate_ids = {id(p) for p in gate_parameters(model).values()}
+    gate_groups = [g for g in groups if {id(p) for p in g["params"]} & gate_ids]
+    if gate_wd == 0.0 and gate_lr_mult == 1.0:  # the gates join the vectors' group
+        assert len(gate_groups) == 1 and gate_groups[0]["wd_mult"] == 0.0
+    else:
+        assert [{id(p) for p in g["params"]} for g in gate_groups] == [gate_ids]
+
+
+def test_gate_weight_decay_one_at_base_lr_is_rejected():
+    with pytest.raises(ValueError, match="--wesar-gate-weight-decay"):
+        optimizer_overrides(WeSaRConfig(gate_weight_decay=1.0), 0.1, lr=1e-3, min_lr=1e-4)
+
+
 def test_gates_left_out_of_clip_are_neither_counted_nor_scaled():
     _, model = wesar_model("gpt", WeSaRConfig(exclude_gates_from_clip=True))
     forward_loss(model, batch()).backward()
@@ -313,13 +341,26 @@ def test_gates_left_out_of_clip_are_neither_counted_nor_scaled():
     assert float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in others]))) == pytest.approx(1e-6, rel=1e-3)
 
 
-def test_gates_stay_fp32_and_checkpoint_as_replicated_tensors():
+def test_gates_are_cast_with_the_model_and_checkpoint_as_replicated_tensors():
+    """One dtype per model: megatron's mixed-precision optimizers hold the fp32 masters."""
     _, model = wesar_model("llama-like")
+    assert {g.dtype for g in gate_parameters(model).values()} == {torch.float32}
     model.bfloat16()
     gates = gate_parameters(model)
-    assert {g.dtype for g in gates.values()} == {torch.float32}
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters() if not is_gate(p))
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     sharded = model.sharded_state_dict()
     for name in gates:
         tensor = sharded[name]
         assert isinstance(tensor, ShardedTensor) and tensor.local_shape == ()
+
+
+def test_tied_output_gate_is_checkpointed_once_as_the_embedding_gate():
+    """One stage: the output layer's gate is the embedding's parameter; it must not get a
+    checkpoint entry of its own (its optimizer state would be filed under that key, which
+    a pipeline-split run, whose first stage has no output layer, cannot find)."""
+    _, model = wesar_model("gpt")
+    sharded = model.sharded_state_dict()
+    gate = sharded["embedding.word_embeddings.wesar.embedding"]
+    assert isinstance(gate, ShardedTensor) and gate.key == "embedding.word_embeddings.wesar.embedding"
+    assert isinstance(sharded["output_layer.wesar.embedding"], LocalNonpersistentObject)
+    assert sharded["output_layer.wesar.embedding"].unwrap() is gate.data
