@@ -38,6 +38,8 @@ REJECTED = [
     (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
     (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
     (dict(num_layers=None), 1, False, ["--num-layers"]),
+    (dict(dist_ckpt_optim_fully_reshardable=True), 1, True, ["--dist-ckpt-optim-fully-reshardable needs --use-distributed"]),
+    (dict(wesar=True, wesar_gate_weight_decay=1.0), 1, True, ["--wesar-gate-weight-decay 1.0", "--wesar-gate-lr-mult 1.0"]),
     (dict(gradient_accumulation_fusion=True), 1, False, ["--gradient-accumulation-fusion", "GPU path only"]),
     (dict(gradient_accumulation_fusion=True), 1, True, ["--gradient-accumulation-fusion", "fused_weight_gradient_mlp_cuda"]),
     (dict(bias_gelu_fusion=True, swiglu=True), 1, True, ["--bias-gelu-fusion", "--bias-swiglu-fusion"]),
@@ -56,6 +58,19 @@ def test_rejected_configuration_names_the_flags(byte_dataset, overrides, world, 
         validate_args(args, world, cuda)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("fused_adam", [False, True])
+def test_fully_reshardable_optimizer_checkpoints_need_a_fused_adam(byte_dataset, monkeypatch, fused_adam):
+    from megatron.core.optimizer import distrib_optimizer
+
+    monkeypatch.setattr(distrib_optimizer, "HAVE_APEX_OR_TE", fused_adam)
+    args = parse_args(tiny_flags(byte_dataset, use_distributed_optimizer=True, dist_ckpt_optim_fully_reshardable=True))
+    if fused_adam:
+        validate_args(args, 1, True)
+    else:
+        with pytest.raises(ConfigError, match="--dist-ckpt-optim-fully-reshardable needs Transformer Engine or Apex"):
+            validate_args(args, 1, True)
 
 
 def test_main_reports_a_config_error_before_any_compute(byte_dataset, capsys, monkeypatch):

@@ -90,8 +90,13 @@ def test_resume_continues_exactly(tmp_path, byte_dataset):
     assert alphas == [r["prores_alpha/layer_002"] for r in read_metrics(whole) if "prores_alpha/layer_002" in r]
 
 
-def test_resume_with_other_methods_is_an_error_unless_overridden(tmp_path, byte_dataset, capsys):
+def test_resume_with_another_model_or_other_methods_is_an_error(tmp_path, byte_dataset, capsys):
     assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path, train_iters=2, lr_decay_iters=12, eval_iters=0) + METHOD_FLAGS) == 0
+    deeper = tiny_flags(byte_dataset, load=tmp_path, train_iters=3, lr_decay_iters=12, eval_iters=0, num_layers=4,
+                        swiglu=True) + METHOD_FLAGS
+    assert pretrain_gpt.main(deeper) == pretrain_gpt.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert "--num-layers: checkpoint 2, this run 4" in err and "--swiglu: checkpoint False, this run True" in err
     other = ["--prores", "--prores-warmup", "5", "--wesar", "--normformer"]
     argv = tiny_flags(byte_dataset, load=tmp_path, train_iters=3, lr_decay_iters=12, eval_iters=0) + other
     assert pretrain_gpt.main(argv) == pretrain_gpt.EXIT_CONFIG_ERROR

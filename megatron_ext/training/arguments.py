@@ -142,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--no-load-optim", action="store_true", help="load the model only")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="distributed optimizer: save its state per parameter (gathered on each data-parallel "
+                        "rank 0) so that it loads under other TP/PP/DP sizes; by default it is saved as its "
+                        "DP-sharded buckets, loadable under another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
     g.add_argument("--finetune", action="store_true", help="load the model only; iteration and data restart at 0")
     g.add_argument("--override-checkpoint-methods", action="store_true",
@@ -430,6 +434,8 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
         raise ConfigError("--max-consecutive-skips must be >= 1, --spike-window >= 2 and --spike-std > 0")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.dist_ckpt_optim_fully_reshardable:
+        _check_fully_reshardable(args)
     if args.save_interval is not None and (args.save is None or args.save_interval < 1):
         raise ConfigError("--save-interval needs --save and a value >= 1")
     if args.eval_iters < 0:
@@ -444,12 +450,30 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
                               "(the engine clips the DDP gradients itself, which the distributed optimizer shards)")
         if not args.wesar_std > 0 or args.wesar_gate_weight_decay < 0 or not args.wesar_gate_lr_mult > 0:
             raise ConfigError("--wesar-std and --wesar-gate-lr-mult must be > 0, --wesar-gate-weight-decay >= 0")
+        if use_cuda and args.wesar_gate_weight_decay == 1.0 and args.wesar_gate_lr_mult == 1.0:
+            raise ConfigError("--wesar-gate-weight-decay 1.0 with --wesar-gate-lr-mult 1.0 on the GPU path: megatron-core "
+                              "keys optimizer groups by (wd_mult, lr_mult), and these would equal the weight matrices' "
+                              "group, so a resume could not restore the gates' optimizer state; use e.g. 0.999")
 
     if not use_cuda:
         _check_cpu_path(args)
     elif args.use_cpu_initialization is None:
         args.use_cpu_initialization = False
     _check_data_files(args)
+
+
+def _check_fully_reshardable(args: argparse.Namespace) -> None:
+    """--dist-ckpt-optim-fully-reshardable needs the distributed optimizer over a fused Adam."""
+    if not args.use_distributed_optimizer:
+        raise ConfigError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer")
+    if args.use_cuda:
+        from megatron.core.optimizer import distrib_optimizer
+
+        if not distrib_optimizer.HAVE_APEX_OR_TE:
+            raise ConfigError("--dist-ckpt-optim-fully-reshardable needs Transformer Engine or Apex: megatron-core "
+                              "0.16.1's fallback to torch's AdamW cannot load that format (it expects a 'step' "
+                              "per parameter the format does not store); the default format resumes under "
+                              "other data-parallel sizes")
 
 
 def _check_cpu_path(args: argparse.Namespace) -> None:

@@ -3,12 +3,13 @@
 rank has finished writing, so "latest" never names a partial checkpoint.
 
 GPU: one ``megatron.core.dist_checkpointing`` checkpoint per iteration (loadable under
-another TP/PP layout). CPU: one ``mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt`` per
-model-parallel rank, each written to a temporary file and renamed.
+another TP/PP layout; the distributed optimizer's formats are in ``optimizer_checkpoint``).
+CPU: one ``mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt`` per model-parallel rank, each
+written to a temporary file and renamed.
 
 Each checkpoint stores the iteration, consumed samples, skipped-step count, scheduler,
-RNG states, the arguments and the method configs; a method mismatch on resume is an
-error naming the flag unless ``--override-checkpoint-methods``.
+RNG states, the arguments and the method configs. On resume, another model shape is an
+error naming the flags, and so is a method mismatch unless ``--override-checkpoint-methods``.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from megatron_ext import prores
+from megatron_ext.training import optimizer_checkpoint
 from megatron_ext.training.arguments import serializable_args
 from megatron_ext.training.optimization import Engine
 
@@ -118,6 +120,7 @@ def _common_state(args: argparse.Namespace, state: TrainingState, methods: dict)
         "args": serializable_args(args),
         "methods": methods,
         "layout": {"tp": args.tensor_model_parallel_size, "pp": args.pipeline_model_parallel_size},
+        "optimizer_sharding": optimizer_checkpoint.sharding(args),
     }
 
 
@@ -205,7 +208,8 @@ def _sharded_state_dict(common: dict, engine: Engine, model_chunks: list[torch.n
     """What ``dist_checkpointing.save`` writes: counters, model, optimizer, scheduler, RNG."""
     sharded = dict(common)
     sharded.update(_model_sharded_state_dict(model_chunks))
-    sharded["optimizer"] = engine.optimizer.sharded_state_dict(sharded, is_loading=False)
+    sharded["optimizer"] = engine.optimizer.sharded_state_dict(
+        sharded, is_loading=False, metadata=optimizer_checkpoint.metadata(common["optimizer_sharding"]))
     sharded["opt_param_scheduler"] = engine.scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object()
     return sharded
@@ -225,6 +229,25 @@ def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks
         raise CheckpointError(f"cannot create the checkpoint directory {directory}")
     _gather_params(model_chunks)
     dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks), directory)
+
+
+ARCHITECTURE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                     "position_embedding_type", "normalization", "swiglu", "disable_bias_linear",
+                     "untie_embeddings_and_output_weights", "tokenizer_type", "make_vocab_size_divisible_by")
+
+
+def check_architecture(saved_args: Optional[dict], args: argparse.Namespace) -> None:
+    """Raise CheckpointError naming the flags whose model shape differs from the checkpoint's."""
+    if saved_args is None:
+        return
+    names = list(ARCHITECTURE_ARGS)
+    if args.position_embedding_type == "learned_absolute":
+        names.append("max_position_embeddings")
+    diffs = [n for n in names if n in saved_args and saved_args[n] != getattr(args, n)]
+    if diffs:
+        details = ", ".join(f"--{n.replace('_', '-')}: checkpoint {saved_args[n]}, this run {getattr(args, n)}"
+                            for n in diffs)
+        raise CheckpointError(f"the checkpoint holds another model ({details})")
 
 
 def check_methods(saved: Optional[dict], current: dict, override: bool) -> None:
@@ -285,6 +308,7 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
         raise CheckpointError(f"{path} not found: the CPU path loads checkpoints of the same tensor-parallel "
                               f"layout (this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
     payload = torch.load(path, map_location="cpu", weights_only=False)
+    check_architecture(payload.get("args"), args)
     check_methods(payload.get("methods"), methods, args.override_checkpoint_methods)
     for chunk, state in zip(model_chunks, payload["model"], strict=True):
         chunk.load_state_dict(state)
@@ -302,13 +326,20 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(directory)
+    check_architecture(common.get("args"), args)
     check_methods(common.get("methods"), methods, args.override_checkpoint_methods)
     same_layout = common.get("layout") == {"tp": args.tensor_model_parallel_size,
                                            "pp": args.pipeline_model_parallel_size}
     template = _model_sharded_state_dict(model_chunks)
     load_optim = _loads_optimizer(args)
     if load_optim:
-        template["optimizer"] = engine.optimizer.sharded_state_dict(dict(template), is_loading=True)
+        sharding = common.get("optimizer_sharding")
+        mismatch = optimizer_checkpoint.sharding_mismatch(sharding, args, common.get("layout"), same_layout)
+        if mismatch:
+            raise CheckpointError(mismatch)
+        optimizer_checkpoint.allocate_torch_adam_state(engine.optimizer)
+        template["optimizer"] = engine.optimizer.sharded_state_dict(
+            dict(template), is_loading=True, metadata=optimizer_checkpoint.metadata(sharding))
     load_rng = same_layout and not (args.finetune or args.no_load_rng)
     if load_rng:
         template["rng_state"] = _rng_sharded_object()
@@ -319,7 +350,11 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         for i, chunk in enumerate(model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
     if load_optim:
-        engine.optimizer.load_state_dict(loaded["optimizer"])
+        # In place into the fp32 distributed optimizer's main parameters, which are views
+        # of the model's parameters (autograd forbids that outside no_grad).
+        with torch.no_grad():
+            engine.optimizer.load_state_dict(loaded["optimizer"])
+        optimizer_checkpoint.restore_torch_adam_steps(engine.optimizer)
     else:
         # bf16/fp16: the optimizer's fp32 main parameters still hold the initial weights
         # and its next step would copy them back over the loaded ones (Megatron-LM does this too).
