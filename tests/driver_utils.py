@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,13 @@ def tiny_flags(data_prefix: str, **overrides) -> list[str]:
             continue
         argv += [f"--{key}"] if value is True else [f"--{key}", str(value)]
     return argv
+
+
+def launch_env() -> dict[str, str]:
+    """Environment for launching pretrain_gpt.py (or torchrun) from a test: no inherited rank."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    return env
 
 
 def read_metrics(directory) -> list[dict]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
 
 import pytest
-from driver_utils import METHOD_FLAGS, REPO, byte_dataset, tiny_flags, train_losses  # noqa: F401
+from driver_utils import METHOD_FLAGS, REPO, byte_dataset, launch_env, tiny_flags, train_losses  # noqa: F401
 from mp_utils import _free_port
 
 import pretrain_gpt
@@ -16,18 +15,12 @@ from megatron_ext.training.checkpointing import read_tracker
 from megatron_ext.training.loop import EXIT_SIGNAL_SAVED
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
-    env.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
-    return env
-
-
 def test_tensor_parallel_2_matches_1_with_all_methods(tmp_path, byte_dataset):
     flags = dict(train_iters=5, eval_iters=0, lr_warmup_iters=0, lr=1e-2, swiglu=True, num_query_groups=2)
     tp2 = tmp_path / "tp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(REPO / "pretrain_gpt.py"), *tiny_flags(byte_dataset, save=tp2, tensor_model_parallel_size=2, **flags), *METHOD_FLAGS]
-    run = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    run = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "world size: 2 (tensor 2" in run.stdout
     tp1 = tmp_path / "tp1"
@@ -43,7 +36,7 @@ def test_sigusr1_saves_a_complete_checkpoint_and_exits_42(tmp_path, byte_dataset
     save = tmp_path / "run"
     cmd = [sys.executable, str(REPO / "pretrain_gpt.py"),
            *tiny_flags(byte_dataset, save=save, train_iters=100000, lr_decay_iters=100000, eval_iters=0), *METHOD_FLAGS]
-    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(cmd, env=launch_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines = []
     try:
         for line in proc.stdout:

@@ -1,0 +1,169 @@
+"""Run the GPU path of pretrain_gpt.py on a CPU, to test it where no GPU is lent.
+
+``python tests/emulated_cuda.py <pretrain_gpt flags>`` (or under ``torchrun``) runs
+``pretrain_gpt.main`` with ``--device cuda`` while CUDA is emulated:
+
+- ``torch.cuda``'s device, stream, event, RNG and memory functions answer as one idle
+  device whose RNG is the CPU generator (megatron's CUDA RNG tracker then forks CPU
+  states, harmless with dropout 0);
+- a ``TorchFunctionMode`` places every tensor asked for on ``cuda`` on the CPU, makes
+  ``Tensor.cuda`` the identity and reports CPU tensors as CUDA ones (``is_cuda``,
+  ``type()``), which megatron-core's mixed-precision optimizer checks;
+- process groups are gloo: NCCL's backend name and options are dropped.
+
+What this exercises is everything above the kernels: megatron-core's DDP and its
+buckets, ``get_megatron_optimizer`` (distributed optimizer included), the pipeline
+schedules with their p2p communication, ``finalize_model_grads``, Float16Module and
+distributed checkpointing, with the driver's GPU engine around them. What it cannot: CUDA
+kernels, NCCL, Transformer Engine, streams and memory, speed. The fused bias/activation
+paths are torch.compile'd on a GPU; run under emulation with ``--no-bias-*-fusion``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence
+from unittest import mock
+
+import torch
+import torch.distributed as dist
+from torch.overrides import TorchFunctionMode
+
+_CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
+                    torch.bfloat16: "torch.cuda.BFloat16Tensor", torch.float64: "torch.cuda.DoubleTensor",
+                    torch.int64: "torch.cuda.LongTensor", torch.int32: "torch.cuda.IntTensor",
+                    torch.uint8: "torch.cuda.ByteTensor", torch.bool: "torch.cuda.BoolTensor"}
+
+
+def _is_cuda_device(device: Any) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class CudaTensorsOnCpu(TorchFunctionMode):
+    """Tensors requested on ``cuda`` are made on the CPU and answer as CUDA tensors."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.is_cuda.__get__:
+            return True
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _CUDA_TYPE_NAMES.get(args[0].dtype, func(*args))
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _Stream:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def wait_stream(self, other: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> "_Event":
+        return event or _Event()
+
+    def synchronize(self) -> None:
+        pass
+
+
+class _Event:
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other: Any) -> float:
+        return 0.0
+
+
+def _gloo_init_process_group(original):
+    def init(backend: Optional[str] = None, *args: Any, **kwargs: Any) -> None:
+        kwargs.pop("device_id", None)
+        return original("gloo", *args, **kwargs)
+    return init
+
+
+def _gloo_new_group(original):
+    def new_group(*args: Any, **kwargs: Any):
+        kwargs.pop("pg_options", None)
+        if kwargs.get("backend") == "nccl":
+            kwargs.pop("backend")
+        return original(*args, **kwargs)
+    return new_group
+
+
+@contextlib.contextmanager
+def emulated_cuda() -> Iterator[None]:
+    """One emulated CUDA device for the duration of the block (see the module docstring)."""
+    import torch._dynamo  # noqa: F401 - builds its torch-object table before torch.cuda is patched
+    from megatron.core.tensor_parallel import random as megatron_random
+
+    cpu_rng = (lambda device="cuda": torch.get_rng_state(), lambda state, device=-1: torch.set_rng_state(state))
+    cpu_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # noqa: E731
+    zero = lambda *args, **kwargs: 0  # noqa: E731
+    nothing = lambda *args, **kwargs: None  # noqa: E731
+    patches = {
+        "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
+        "set_device": nothing, "synchronize": nothing, "empty_cache": nothing,
+        "Stream": _Stream, "Event": _Event, "stream": lambda stream=None: contextlib.nullcontext(),
+        "current_stream": lambda device=None: _Stream(), "default_stream": lambda device=None: _Stream(),
+        "manual_seed": cpu_seed, "manual_seed_all": cpu_seed,
+        "get_rng_state": cpu_rng[0], "set_rng_state": cpu_rng[1],
+        "memory_allocated": zero, "max_memory_allocated": zero, "memory_reserved": zero,
+        "max_memory_reserved": zero, "reset_peak_memory_stats": nothing,
+        "get_device_name": lambda device=None: "emulated CUDA (CPU)", "is_bf16_supported": lambda *a, **k: True,
+    }
+    with contextlib.ExitStack() as stack:
+        for name, value in patches.items():
+            stack.enter_context(mock.patch.object(torch.cuda, name, value, create=True))
+        stack.enter_context(mock.patch.object(torch.cuda.random, "get_rng_state", cpu_rng[0]))
+        stack.enter_context(mock.patch.object(megatron_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
+        stack.enter_context(mock.patch.object(megatron_random, "_set_cuda_rng_state",
+                                              lambda state, *a, **k: torch.set_rng_state(state)))
+        stack.enter_context(mock.patch.object(dist, "init_process_group", _gloo_init_process_group(dist.init_process_group)))
+        stack.enter_context(mock.patch.object(dist, "new_group", _gloo_new_group(dist.new_group)))
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="CPU RNG state changed within GPU RNG context")
+        stack.enter_context(CudaTensorsOnCpu())
+        yield
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``pretrain_gpt.main(argv + ['--device', 'cuda'])`` under :func:`emulated_cuda`."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import pretrain_gpt
+    # Imported before the patches: their module-level torch lookups must see the real torch.cuda.
+    from megatron_ext.training import checkpointing, engine_gpu, loop, metrics, setup  # noqa: F401
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    with emulated_cuda():
+        return pretrain_gpt.main(argv + ["--device", "cuda"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""The GPU path of pretrain_gpt.py (megatron-core's DDP, optimizers, pipeline schedules and
+distributed checkpoints) run on the CPU under emulated CUDA (tests/emulated_cuda.py).
+
+Each run is compared with a reference it must equal: the CPU engine, one rank, or the
+uninterrupted run a checkpoint was taken from. Kernels, NCCL and speed are not covered.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from driver_utils import METHOD_FLAGS, REPO, byte_dataset, launch_env, read_metrics, tiny_flags  # noqa: F401
+from mp_utils import _free_port
+
+import pretrain_gpt
+from megatron_ext.training.checkpointing import TRACKER, checkpoint_dir
+
+# torch.compile'd fusions are not emulated; weights drawn on the CPU as on the CPU path.
+EMULATION_FLAGS = ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
+                   "--use-cpu-initialization"]
+RUN = dict(train_iters=6, save_interval=3, eval_iters=0, lr_decay_iters=6)
+
+
+def emulated(nproc: int, flags: list[str], expect: int = 0) -> str:
+    """Run pretrain_gpt.py on the GPU path with ``nproc`` ranks; its output."""
+    runner = [str(REPO / "tests" / "emulated_cuda.py")]
+    if nproc > 1:
+        runner = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                  "--master_port", str(_free_port()), *runner]
+    run = subprocess.run([sys.executable, *runner, *flags, *EMULATION_FLAGS], env=launch_env(),
+                         capture_output=True, text=True, timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode == expect, output[-4000:]
+    assert "GPU (NCCL) path" in output or expect != 0
+    return output
+
+
+def history(directory: Path) -> dict[int, tuple[float, float]]:
+    """Iteration -> (lm loss, grad norm) from a run's metrics.jsonl."""
+    return {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in read_metrics(directory)
+            if "lm_loss" in r and "event" not in r}
+
+
+def assert_same(run: dict, reference: dict, iterations, rel: float) -> None:
+    for it in iterations:
+        assert run[it] == pytest.approx(reference[it], rel=rel), it
+
+
+def resume_from(source: Path, iteration: int, target: Path) -> Path:
+    """A directory holding only ``source``'s checkpoint at ``iteration``, as the latest."""
+    target.mkdir()
+    shutil.copytree(checkpoint_dir(str(source), iteration), checkpoint_dir(str(target), iteration))
+    (target / TRACKER).write_text(f"{iteration}\n")
+    return target
+
+
+WESAR_OPTIONS = ["--wesar-gate-lr-mult", "2", "--wesar-gate-weight-decay", "0.05"]
+
+
+def test_gpu_engine_equals_the_cpu_engine_with_all_methods(tmp_path, byte_dataset):
+    """megatron-core's DDP, Float32 optimizer (WeSaR's own gate group) and schedule against
+    the CPU engine's torch AdamW: the same losses and grad norms."""
+    flags = METHOD_FLAGS + WESAR_OPTIONS
+    emulated(1, tiny_flags(byte_dataset, save=tmp_path / "gpu", **RUN) + flags)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "cpu", **RUN) + flags) == 0
+    gpu, cpu = history(tmp_path / "gpu"), history(tmp_path / "cpu")
+    assert sorted(gpu) == list(range(1, 7))
+    assert_same(gpu, cpu, range(1, 7), rel=1e-5)
+
+
+def test_bf16_with_all_methods_saves_and_resumes_exactly(tmp_path, byte_dataset):
+    """Float16Module and the mixed-precision optimizer, with the WeSaR gates cast to bf16
+    with the model (their fp32 copies in the optimizer); near the fp32 CPU run."""
+    flags = METHOD_FLAGS + WESAR_OPTIONS
+    whole = tmp_path / "whole"
+    emulated(1, tiny_flags(byte_dataset, save=whole, bf16=True, **RUN) + flags)
+    resumed = tmp_path / "resumed"
+    emulated(1, tiny_flags(byte_dataset, load=resume_from(whole, 3, resumed), save=resumed, bf16=True, **RUN) + flags)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "fp32", **RUN) + flags) == 0
+    bf16 = history(whole)
+    assert_same(history(resumed), bf16, range(4, 7), rel=1e-6)
+    fp32 = history(tmp_path / "fp32")
+    for it in range(1, 7):
+        assert bf16[it][0] == pytest.approx(fp32[it][0], rel=2e-3), it
+
+
+def test_distributed_optimizer_with_overlap_equals_one_rank_and_resumes_on_another_dp_size(tmp_path, byte_dataset):
+    """DP=2 with the distributed optimizer and overlapped grad reduce / param gather
+    equals one CPU rank accumulating the same two micro batches; its checkpoint resumes
+    on one rank (the DP-sharded optimizer state re-sharded) to the same losses."""
+    run = dict(RUN, global_batch_size=8)
+    dopt = ["--use-distributed-optimizer", "--overlap-grad-reduce", "--overlap-param-gather"]
+    dp2 = tmp_path / "dp2"
+    emulated(2, tiny_flags(byte_dataset, save=dp2, **run) + METHOD_FLAGS + dopt)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "cpu", **run) + METHOD_FLAGS) == 0
+    assert_same(history(dp2), history(tmp_path / "cpu"), range(1, 7), rel=1e-5)
+
+    dp1 = resume_from(dp2, 3, tmp_path / "dp1")
+    emulated(1, tiny_flags(byte_dataset, load=dp1, save=dp1, **run) + METHOD_FLAGS + ["--use-distributed-optimizer"])
+    assert_same(history(dp1), history(dp2), range(4, 7), rel=1e-5)
+    output = emulated(1, tiny_flags(byte_dataset, load=dp1, **dict(run, save_interval=None)) + METHOD_FLAGS,
+                      expect=pretrain_gpt.EXIT_CONFIG_ERROR)
+    assert "saved with --use-distributed-optimizer and this run does not use it" in output
+
+
+def test_tensor_parallel_2_with_sequence_parallelism_equals_1_and_resumes_on_1(tmp_path, byte_dataset):
+    flags = METHOD_FLAGS + ["--swiglu", "--num-query-groups", "2"]
+    tp2 = tmp_path / "tp2"
+    emulated(2, tiny_flags(byte_dataset, save=tp2, tensor_model_parallel_size=2, sequence_parallel=True, **RUN) + flags)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "cpu", **RUN) + flags) == 0
+    assert_same(history(tp2), history(tmp_path / "cpu"), range(1, 7), rel=1e-4)
+    tp1 = resume_from(tp2, 3, tmp_path / "tp1")
+    emulated(1, tiny_flags(byte_dataset, load=tp1, save=tp1, **RUN) + flags)
+    assert_same(history(tp1), history(tp2), range(4, 7), rel=1e-4)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-1f1b", "untied-interleaved"])
+def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
+    """An unsplit 4-layer run's checkpoint continues on PP=2 (1F1B; or interleaved with 2
+    virtual stages per rank) to the same losses: ProRes' global layer index, the tied
+    embedding and its WeSaR gate on both end stages, NormFormer's parameters. With tied
+    embeddings the PP=2 checkpoint then continues unsplit again."""
+    run = dict(RUN, num_layers=4, global_batch_size=8, save_interval=2,
+               untie_embeddings_and_output_weights=None if tied else True)
+    split = ({} if tied else {"num_layers_per_virtual_pipeline_stage": 1})
+    whole = tmp_path / "whole"
+    emulated(1, tiny_flags(byte_dataset, save=whole, **run) + METHOD_FLAGS)
+    pp2 = resume_from(whole, 2, tmp_path / "pp2")
+    emulated(2, tiny_flags(byte_dataset, load=pp2, save=pp2, pipeline_model_parallel_size=2, **split,
+                           **dict(run, train_iters=4)) + METHOD_FLAGS)
+    reference = history(whole)
+    assert_same(history(pp2), reference, range(3, 5), rel=1e-5)
+    if tied:
+        back = resume_from(pp2, 4, tmp_path / "back")
+        emulated(1, tiny_flags(byte_dataset, load=back, save=back, **run) + METHOD_FLAGS)
+        assert_same(history(back), reference, range(5, 7), rel=1e-5)
