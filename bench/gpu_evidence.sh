@@ -1,27 +1,33 @@
 #!/usr/bin/env bash
 # shellcheck disable=SC2329  # train and the stage_* functions are called indirectly ("stage_$stage")
-# GPU evidence for issue 8 on one H100 (docs/GPU_EVIDENCE_PLAN.md): run from the repository
+# GPU evidence for issue 8 on one GPU (docs/GPU_EVIDENCE_PLAN.md): run from the repository
 # root with the megatron-core cp312 wheel in .whl/ and tools/prepare_gpu_data.py's output in
-# data/gpu/ (both carried).
+# data/gpu/ (both carried). Sized for 15 minutes of device time in two calls:
 #
-#   bash bench/gpu_evidence.sh check speed            # device call 1 (about 7 minutes)
-#   bash bench/gpu_evidence.sh memory                 # device call 2 (about 2 minutes)
-#   bash bench/gpu_evidence.sh convergence            # device call 3 (about 8 minutes)
+#   bash bench/gpu_evidence.sh check speed memory     # device call 1 (at most 9.5 minutes)
+#   bash bench/gpu_evidence.sh convergence            # device call 2, while warm (about 5.5 minutes)
 #
-# Stages: check (a 30-iteration pretrain_gpt.py run of the convergence model: the GPU path
-# works, and its tokens/s), speed (bench/step_time.py), memory (bench/memory_13b.py),
-# convergence (7 pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py).
-# A failing stage does not stop the next. Everything lands in $OUT (default: runs/gpu_evidence):
-# the JSON results, the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl.
-# CONV_ITERS (default 500) and CONV_TIMEOUT (seconds, default 480) bound the convergence stage.
+# Stages: check (a 20-iteration pretrain_gpt.py run of the convergence model with all three
+# methods, saved at 10 and resumed from there: the GPU path works, resumes exactly, and its
+# tokens/s), speed (bench/step_time.py), memory (bench/memory_13b.py), convergence (7
+# pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each stage runs
+# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT
+# seconds) so that one call never reaches the device's 600 s limit and the results so far
+# always come back; step_time.py writes its JSON after every shape. A failing stage does not
+# stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
+# the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl.
+# CONV_ITERS (default 300) sets the convergence length (the same for every run).
 # DRIVER_FLAGS (default none) go to every pretrain_gpt.py run and every step_time.py variant,
 # e.g. DRIVER_FLAGS="--no-bias-dropout-fusion --no-bias-gelu-fusion" if torch.compile fails there.
 set -u -o pipefail
 
 OUT=${OUT:-runs/gpu_evidence}
 WORK=${WORK:-/tmp/gpu_evidence}
-CONV_ITERS=${CONV_ITERS:-500}
-CONV_TIMEOUT=${CONV_TIMEOUT:-480}
+CONV_ITERS=${CONV_ITERS:-300}
+CONV_TIMEOUT=${CONV_TIMEOUT:-300}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-100}
+SPEED_TIMEOUT=${SPEED_TIMEOUT:-270}
+MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-140}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
@@ -56,14 +62,31 @@ train() {  # train NAME ITERS EXTRA...: one pretrain_gpt.py run into $WORK/runs/
         --train-iters "$iters" --tensorboard-dir "$WORK/runs/$name" --data-cache-path "$WORK/cache/$name" "$@" $DRIVER_FLAGS
 }
 
-stage_check() {
-    train check 30 --lr-warmup-iters 5 --eval-interval 15 --eval-iters 2 --log-interval 5 \
-        --prores --prores-warmup 2 --wesar --normformer
+CHECK_FLAGS=(--lr-warmup-iters 5 --eval-interval 10 --eval-iters 2 --log-interval 1 --prores --prores-warmup 2 --wesar --normformer)
+
+stage_check() {  # 20 iterations saved at 10, then the same run resumed from iteration 10
+    RUN_TIMEOUT=$CHECK_TIMEOUT train check 20 "${CHECK_FLAGS[@]}" --save "$WORK/runs/check" --save-interval 10 || return
+    mkdir -p "$WORK/runs/check-resumed"
+    cp -r "$WORK/runs/check/iter_0000010" "$WORK/runs/check-resumed/"
+    echo 10 >"$WORK/runs/check-resumed/latest_checkpointed_iteration.txt"
+    RUN_TIMEOUT=$CHECK_TIMEOUT train check-resumed 20 "${CHECK_FLAGS[@]}" --load "$WORK/runs/check-resumed" || return
+    python3 - "$WORK/runs/check" "$WORK/runs/check-resumed" <<'PY'
+import json, sys
+def losses(d):
+    return {r["iteration"]: r["lm_loss"] for r in map(json.loads, open(f"{d}/metrics.jsonl")) if "lm_loss" in r}
+whole, resumed = map(losses, sys.argv[1:])
+diffs = {it: abs(resumed[it] - whole[it]) / whole[it] for it in resumed}
+print("resume check: iterations", sorted(resumed), "max relative loss difference", max(diffs.values()))
+sys.exit(0 if sorted(resumed) == list(range(11, 21)) and max(diffs.values()) < 1e-3 else 1)
+PY
 }
 
-stage_speed() { python3 bench/step_time.py --extra-flags="$DRIVER_FLAGS" --output "$OUT/step_time.json"; }
+stage_speed() {
+    timeout "$SPEED_TIMEOUT" python3 bench/step_time.py --warmup 8 --iters 20 --extra-flags="$DRIVER_FLAGS" \
+        --output "$OUT/step_time.json"
+}
 
-stage_memory() { python3 bench/memory_13b.py --output "$OUT/memory_13b.json"; }
+stage_memory() { timeout "$MEMORY_TIMEOUT" python3 bench/memory_13b.py --output "$OUT/memory_13b.json"; }
 
 stage_convergence() {
     local pids=() name rc=0

@@ -152,15 +152,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 base = results[shape.name].get("baseline")
                 for r in results[shape.name].values():
                     r["overhead"] = r["ms_per_iteration"] / base["ms_per_iteration"] - 1 if base else float("nan")
+                # After every shape: a run stopped by a time limit keeps the shapes it finished.
+                harness.write_report(args.output, {
+                    "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                    "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
+                    "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
+                    "shapes": {s.name: vars(s) for s in shapes}, "results": results,
+                })
         finally:
             shutdown(created)
-    report = {
-        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-        "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
-        "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
-        "shapes": {s.name: vars(s) for s in shapes}, "results": results,
-    }
-    harness.write_report(args.output, report)
     print(markdown(results, ceiling))
     return 0
 
