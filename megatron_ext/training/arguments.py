@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad", type=float, default=1.0, help="global grad-norm clip; 0 disables")
     g.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16: a static loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="fp16: the dynamic loss scale's start")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16: the dynamic loss scale's floor")
+    g.add_argument("--loss-scale-window", type=float, default=1000,
+                   help="fp16: iterations without overflow before the dynamic scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="fp16: overflows tolerated before the scale halves")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--max-consecutive-skips", type=int, default=5,
                    help="stop after this many consecutive steps with a non-finite loss or grad norm")
@@ -430,6 +436,11 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
         raise ConfigError("--adam-beta1 and --adam-beta2 must be in [0, 1)")
     if args.bf16 and args.fp16:
         raise ConfigError("--bf16 and --fp16 are mutually exclusive")
+    if args.loss_scale is not None and not args.loss_scale > 0:
+        raise ConfigError(f"--loss-scale must be > 0, got {args.loss_scale}")
+    if not (0 < args.min_loss_scale <= args.initial_loss_scale) or args.loss_scale_window < 1 or args.hysteresis < 1:
+        raise ConfigError("--min-loss-scale must be in (0, --initial-loss-scale], --loss-scale-window and "
+                          "--hysteresis >= 1")
     if args.max_consecutive_skips < 1 or args.spike_window < 2 or not args.spike_std > 0:
         raise ConfigError("--max-consecutive-skips must be >= 1, --spike-window >= 2 and --spike-std > 0")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):

@@ -228,6 +228,7 @@ def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks
     if not _all_ranks_ok(created):  # every rank must reach dist_checkpointing.save's collectives
         raise CheckpointError(f"cannot create the checkpoint directory {directory}")
     _gather_params(model_chunks)
+    optimizer_checkpoint.allocate_state(engine.optimizer)
     dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks), directory)
 
 
@@ -337,7 +338,7 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         mismatch = optimizer_checkpoint.sharding_mismatch(sharding, args, common.get("layout"), same_layout)
         if mismatch:
             raise CheckpointError(mismatch)
-        optimizer_checkpoint.allocate_torch_adam_state(engine.optimizer)
+        optimizer_checkpoint.allocate_state(engine.optimizer)
         template["optimizer"] = engine.optimizer.sharded_state_dict(
             dict(template), is_loading=True, metadata=optimizer_checkpoint.metadata(sharding))
     load_rng = same_layout and not (args.finetune or args.no_load_rng)
@@ -352,6 +353,7 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
     if load_optim:
         # In place into the fp32 distributed optimizer's main parameters, which are views
         # of the model's parameters (autograd forbids that outside no_grad).
+        optimizer_checkpoint.add_missing_common_step(engine.optimizer, loaded["optimizer"])
         with torch.no_grad():
             engine.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_checkpoint.restore_torch_adam_steps(engine.optimizer)

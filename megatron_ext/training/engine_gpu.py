@@ -134,6 +134,12 @@ class GpuEngine:
         clip_grads_by_total_norm([p.main_grad for p in params], self.args.clip_grad, norm)
         return norm
 
+    def _scale_can_drop(self) -> bool:
+        """Whether fp16's dynamic loss scale is still above its floor (after this step's update)."""
+        config = self.optimizer.config
+        dynamic = self.args.fp16 and config.loss_scale is None
+        return dynamic and float(self.optimizer.get_loss_scale()) > config.min_loss_scale
+
     def train_step(self, data_iterator: Iterator, layer_norms: bool = False) -> StepResult:
         """Forward/backward (pipelined), then an optimizer update unless non-finite."""
         for chunk in self.model_chunks:
@@ -152,7 +158,8 @@ class GpuEngine:
         clipped_norm = self._clip_model_grads() if self.clip_outside_optimizer else None
         found_inf = self.optimizer.prepare_grads()
         if found_inf or not math.isfinite(lm_loss):
-            return StepResult(lm_loss, float("nan"), True, lr, layers)
+            return StepResult(lm_loss, float("nan"), True, lr, layers,
+                              loss_scale_overflow=bool(found_inf) and math.isfinite(lm_loss) and self._scale_can_drop())
         if clipped_norm is not None:
             grad_norm = clipped_norm
         elif self.args.clip_grad > 0:

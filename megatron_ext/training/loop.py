@@ -168,6 +168,10 @@ class Trainer:
         """Count skips and spikes; False when the run must stop."""
         it = self.state.iteration
         self.interval.iterations += 1
+        if result.loss_scale_overflow:  # counted as skipped, as Megatron-LM does, but not a failure
+            self.state.skipped_iterations += 1
+            logger.info("iteration %d: fp16 gradients overflowed; update skipped, loss scale lowered", it)
+            return True
         if result.skipped:
             self.state.skipped_iterations += 1
             self.consecutive_skips += 1

@@ -21,13 +21,18 @@ Optimizer = Union[torch.optim.Optimizer, MegatronOptimizer]
 
 @dataclass
 class StepResult:
-    """What one training iteration did; ``lr`` is the learning rate its update used."""
+    """What one training iteration did; ``lr`` is the learning rate its update used.
+
+    ``loss_scale_overflow``: a skipped fp16 step whose gradients overflowed while the
+    dynamic loss scale could still come down (it halves; routine at the start of fp16).
+    """
 
     loss: float
     grad_norm: float
     skipped: bool
     lr: float
     layer_grad_norms: dict[int, float] = field(default_factory=dict)
+    loss_scale_overflow: bool = False
 
 
 class Engine(Protocol):

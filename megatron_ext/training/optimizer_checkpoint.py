@@ -1,9 +1,9 @@
 """The distributed optimizer's part of a ``dist_checkpointing`` checkpoint (GPU path).
 
-Which of megatron-core's formats is saved, whether this run can load it, and two
-repairs for megatron-core 0.16.1's DistributedOptimizer over torch's AdamW (its fallback
-without Transformer Engine or Apex), whose loading mishandles AdamW's per-parameter
-``step``.
+Which of megatron-core's formats is saved, whether this run can load it, and the
+repairs around megatron-core 0.16.1's optimizer checkpoints: state allocated before a
+save or load where there is none yet, and torch AdamW's per-parameter ``step`` (the
+DistributedOptimizer's fallback without Transformer Engine or Apex mishandles it).
 """
 
 from __future__ import annotations
@@ -47,34 +47,64 @@ def sharding_mismatch(saved: Optional[str], args: argparse.Namespace, saved_layo
     return None
 
 
-def _torch_adam_distributed_optimizers(optimizer: Any) -> list[Any]:
-    """The DistributedOptimizers in ``optimizer`` that wrap torch's AdamW (none with TE or Apex)."""
-    from megatron.core.optimizer import distrib_optimizer
-
-    if distrib_optimizer.HAVE_APEX_OR_TE:
-        return []
-    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
-            if isinstance(opt, distrib_optimizer.DistributedOptimizer)]
+def _inner_optimizers(optimizer: Any) -> list[Any]:
+    """The megatron optimizers that hold a torch optimizer (``ChainedOptimizer`` unwrapped)."""
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
 
 
-def allocate_torch_adam_state(optimizer: Any) -> None:
-    """Zero AdamW state with a ``step`` before loading: ``sharded_state_dict(is_loading=True)``
-    reads the step of every parameter, which a fresh torch optimizer lacks (AssertionError)."""
-    for opt in _torch_adam_distributed_optimizers(optimizer):
-        if len(opt.optimizer.state) == 0:
+def _is_torch_adam(torch_optimizer: torch.optim.Optimizer) -> bool:
+    """torch's own Adam(W), which keeps a ``step`` per parameter (fused Adams keep it per group)."""
+    return isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW))
+
+
+def allocate_state(optimizer: Any) -> None:
+    """Zero Adam state, as before a first update, where the optimizer has none yet.
+
+    Before saving: a checkpoint written before the first update (e.g. fp16's first
+    iterations, all skipped on loss-scale overflow) would otherwise hold no moments, and
+    loading it would fail on the missing keys. Before loading: megatron-core's
+    DistributedOptimizer over torch's AdamW reads every parameter's ``step`` in
+    ``sharded_state_dict(is_loading=True)`` (an AssertionError on a fresh optimizer).
+    Zero moments with step 0 update exactly as a fresh state does.
+    """
+    for opt in _inner_optimizers(optimizer):
+        if len(opt.optimizer.state) == 0 and opt.init_state_fn is not None:
             opt.init_state_fn(opt.optimizer, opt.config)
+        if _is_torch_adam(opt.optimizer):
             for state in opt.optimizer.state.values():
-                state["step"] = torch.zeros((), dtype=torch.float32)
+                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+
+
+def add_missing_common_step(optimizer: Any, loaded: Any) -> None:
+    """Give loaded torch-Adam state without a step the step 0, before ``load_state_dict``.
+
+    megatron-core's Float16/FP32 optimizers save torch Adam's step as ``common_step`` only
+    when it is non-zero, so state allocated before the first update comes back without
+    one, and torch's Adam refuses state without a step.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    inner = _inner_optimizers(optimizer)
+    states = [loaded] if len(inner) == 1 else (loaded.values() if isinstance(loaded, dict) else loaded)
+    for opt, state_dict in zip(inner, states):
+        if isinstance(opt, DistributedOptimizer) or not _is_torch_adam(opt.optimizer):
+            continue
+        per_param = state_dict.get("optimizer", state_dict)["state"]
+        if per_param and "common_step" not in per_param and not any("step" in v for v in per_param.values()):
+            per_param["common_step"] = torch.zeros((), dtype=torch.float32)
 
 
 def restore_torch_adam_steps(optimizer: Any) -> None:
     """One ``step`` tensor per parameter, the checkpoint's, after loading.
 
-    megatron-core keeps the step in the param groups and restores it as one tensor shared
-    by every parameter (which AdamW would then advance once per parameter), and the
-    bucket state copied in afterwards overwrites its value.
+    megatron-core's DistributedOptimizer keeps torch AdamW's step in the param groups and
+    restores it as one tensor shared by every parameter (which AdamW would then advance
+    once per parameter), and the bucket state copied in afterwards overwrites its value.
     """
-    for opt in _torch_adam_distributed_optimizers(optimizer):
-        for group in opt.optimizer.param_groups:
-            for param in group["params"]:
-                opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for opt in _inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and _is_torch_adam(opt.optimizer):
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
