@@ -14,9 +14,9 @@
 What this exercises is everything above the kernels: megatron-core's DDP and its
 buckets, ``get_megatron_optimizer`` (distributed optimizer included), the pipeline
 schedules with their p2p communication, ``finalize_model_grads``, Float16Module and
-distributed checkpointing, with the driver's GPU engine around them. What it cannot: CUDA
-kernels, NCCL, Transformer Engine, streams and memory, speed. The fused bias/activation
-paths are torch.compile'd on a GPU; run under emulation with ``--no-bias-*-fusion``.
+distributed checkpointing, with the driver's GPU engine around them, and the fused
+kernels through torch.compile's CPU backend. What it cannot: CUDA kernels (and their
+compilation for the GPU), NCCL, Transformer Engine, streams and memory, speed.
 """
 
 from __future__ import annotations
@@ -117,36 +117,67 @@ def _gloo_new_group(original):
     return new_group
 
 
+# A new function for every patched name: dynamo files each torch function under one rule
+# and rejects one object found under two names with different rules.
+def _returning(value: Any):
+    def constant(*args: Any, **kwargs: Any) -> Any:
+        return value
+    return constant
+
+
+def _cpu_seed():
+    def manual_seed(seed: int) -> None:
+        torch.default_generator.manual_seed(int(seed))
+    return manual_seed
+
+
+def _cpu_get_rng_state():
+    def get_rng_state(*args: Any, **kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+    return get_rng_state
+
+
+def _cpu_set_rng_state():
+    def set_rng_state(state: torch.Tensor, *args: Any, **kwargs: Any) -> None:
+        torch.set_rng_state(state)
+    return set_rng_state
+
+
+def _isend_of_a_copy(original):
+    """NCCL reads a send buffer in stream order; gloo's background thread reads it whenever
+    it gets to it, after megatron's overlapped pipeline schedule may have reused it."""
+    def isend(tensor: torch.Tensor, *args: Any, **kwargs: Any):
+        return original(tensor.clone(), *args, **kwargs)
+    return isend
+
+
 @contextlib.contextmanager
 def emulated_cuda() -> Iterator[None]:
     """One emulated CUDA device for the duration of the block (see the module docstring)."""
-    import torch._dynamo  # noqa: F401 - builds its torch-object table before torch.cuda is patched
     from megatron.core.tensor_parallel import random as megatron_random
 
-    cpu_rng = (lambda device="cuda": torch.get_rng_state(), lambda state, device=-1: torch.set_rng_state(state))
-    cpu_seed = lambda seed: torch.default_generator.manual_seed(int(seed))  # noqa: E731
-    zero = lambda *args, **kwargs: 0  # noqa: E731
-    nothing = lambda *args, **kwargs: None  # noqa: E731
     patches = {
-        "is_available": lambda: True, "device_count": lambda: 1, "current_device": lambda: 0,
-        "set_device": nothing, "synchronize": nothing, "empty_cache": nothing,
+        "is_available": _returning(True), "device_count": _returning(1), "current_device": _returning(0),
+        "set_device": _returning(None), "synchronize": _returning(None), "empty_cache": _returning(None),
         "Stream": _Stream, "Event": _Event, "stream": lambda stream=None: contextlib.nullcontext(),
         "current_stream": lambda device=None: _Stream(), "default_stream": lambda device=None: _Stream(),
-        "manual_seed": cpu_seed, "manual_seed_all": cpu_seed,
-        "get_rng_state": cpu_rng[0], "set_rng_state": cpu_rng[1],
-        "memory_allocated": zero, "max_memory_allocated": zero, "memory_reserved": zero,
-        "max_memory_reserved": zero, "reset_peak_memory_stats": nothing,
-        "get_device_name": lambda device=None: "emulated CUDA (CPU)", "is_bf16_supported": lambda *a, **k: True,
+        "manual_seed": _cpu_seed(), "manual_seed_all": _cpu_seed(),
+        "get_rng_state": _cpu_get_rng_state(), "set_rng_state": _cpu_set_rng_state(),
+        "memory_allocated": _returning(0), "max_memory_allocated": _returning(0), "memory_reserved": _returning(0),
+        "max_memory_reserved": _returning(0), "reset_peak_memory_stats": _returning(None),
+        "get_device_name": _returning("emulated CUDA (CPU)"), "is_bf16_supported": _returning(True),
     }
     with contextlib.ExitStack() as stack:
         for name, value in patches.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value, create=True))
-        stack.enter_context(mock.patch.object(torch.cuda.random, "get_rng_state", cpu_rng[0]))
-        stack.enter_context(mock.patch.object(megatron_random, "_get_cuda_rng_state", lambda *a, **k: torch.get_rng_state()))
-        stack.enter_context(mock.patch.object(megatron_random, "_set_cuda_rng_state",
-                                              lambda state, *a, **k: torch.set_rng_state(state)))
+        stack.enter_context(mock.patch.object(torch.cuda.random, "get_rng_state", _cpu_get_rng_state()))
+        stack.enter_context(mock.patch.object(megatron_random, "_get_cuda_rng_state", _cpu_get_rng_state()))
+        stack.enter_context(mock.patch.object(megatron_random, "_set_cuda_rng_state", _cpu_set_rng_state()))
         stack.enter_context(mock.patch.object(dist, "init_process_group", _gloo_init_process_group(dist.init_process_group)))
         stack.enter_context(mock.patch.object(dist, "new_group", _gloo_new_group(dist.new_group)))
+        isend = _isend_of_a_copy(dist.isend)  # also where P2POp checks its op's identity
+        stack.enter_context(mock.patch.object(dist, "isend", isend))
+        stack.enter_context(mock.patch.object(dist.distributed_c10d, "isend", isend))
         stack.enter_context(warnings.catch_warnings())
         warnings.filterwarnings("ignore", message="CPU RNG state changed within GPU RNG context")
         stack.enter_context(CudaTensorsOnCpu())

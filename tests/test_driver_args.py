@@ -38,6 +38,8 @@ REJECTED = [
     (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
     (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
     (dict(num_layers=None), 1, False, ["--num-layers"]),
+    (dict(num_layers=4, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
+          global_batch_size=16, no_overlap_p2p_communication=True), 2, True, ["--no-overlap-p2p-communication"]),
     (dict(fp16=True, min_loss_scale=0), 1, True, ["--min-loss-scale"]),
     (dict(fp16=True, loss_scale=-1), 1, True, ["--loss-scale must be > 0"]),
     (dict(dist_ckpt_optim_fully_reshardable=True), 1, True, ["--dist-ckpt-optim-fully-reshardable needs --use-distributed"]),

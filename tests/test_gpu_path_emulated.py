@@ -2,7 +2,7 @@
 distributed checkpoints) run on the CPU under emulated CUDA (tests/emulated_cuda.py).
 
 Each run is compared with a reference it must equal: the CPU engine, one rank, or the
-uninterrupted run a checkpoint was taken from. Kernels, NCCL and speed are not covered.
+uninterrupted run a checkpoint was taken from. CUDA kernels, NCCL and speed are not covered.
 """
 
 from __future__ import annotations
@@ -19,19 +19,20 @@ from mp_utils import _free_port
 import pretrain_gpt
 from megatron_ext.training.checkpointing import TRACKER, checkpoint_dir
 
-# torch.compile'd fusions are not emulated; weights drawn on the CPU as on the CPU path.
-EMULATION_FLAGS = ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion",
-                   "--use-cpu-initialization"]
+# Weights drawn on the CPU, as on the CPU path. The fused kernels (torch.compile'd on a
+# GPU by default) are switched off, for exact comparisons, except in the bf16 test.
+EAGER = ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion"]
 RUN = dict(train_iters=6, save_interval=3, eval_iters=0, lr_decay_iters=6)
 
 
-def emulated(nproc: int, flags: list[str], expect: int = 0) -> str:
-    """Run pretrain_gpt.py on the GPU path with ``nproc`` ranks; its output."""
+def emulated(nproc: int, flags: list[str], expect: int = 0, fused: bool = False) -> str:
+    """Run pretrain_gpt.py on the GPU path with ``nproc`` ranks (eager unless ``fused``); its output."""
     runner = [str(REPO / "tests" / "emulated_cuda.py")]
     if nproc > 1:
         runner = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                   "--master_port", str(_free_port()), *runner]
-    run = subprocess.run([sys.executable, *runner, *flags, *EMULATION_FLAGS], env=launch_env(),
+    run = subprocess.run([sys.executable, *runner, *flags, "--use-cpu-initialization", *([] if fused else EAGER)],
+                         env=launch_env(),
                          capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     assert run.returncode == expect, output[-4000:]
@@ -70,6 +71,11 @@ def test_gpu_engine_equals_the_cpu_engine_with_all_methods(tmp_path, byte_datase
     gpu, cpu = history(tmp_path / "gpu"), history(tmp_path / "cpu")
     assert sorted(gpu) == list(range(1, 7))
     assert_same(gpu, cpu, range(1, 7), rel=1e-5)
+    layers = [{k: v for k, v in r.items() if k.startswith("grad_norm/layer_")} for r in read_metrics(tmp_path / "gpu")]
+    cpu_layers = [{k: v for k, v in r.items() if k.startswith("grad_norm/layer_")} for r in read_metrics(tmp_path / "cpu")]
+    assert len(layers[-1]) == 2 and all(v > 0 for v in layers[-1].values())  # read from DDP's main_grad
+    for gpu_record, cpu_record in zip(layers, cpu_layers):
+        assert gpu_record == pytest.approx(cpu_record, rel=1e-5)
 
 
 # fp16: overflows must not count as failed steps, so one failed step would stop the run.
@@ -79,14 +85,16 @@ HALF = {"bf16": ["--bf16"], "fp16": ["--fp16", "--initial-loss-scale", "65536", 
 @pytest.mark.parametrize("precision", list(HALF))
 def test_half_precision_with_all_methods_saves_and_resumes_exactly(tmp_path, byte_dataset, precision):
     """Float16Module and the mixed-precision optimizer, the WeSaR gates cast with the
-    model (their fp32 copies in the optimizer): a resume repeats the uninterrupted run.
-    bf16 stays near the fp32 CPU run; fp16 starts above the gradients' range, skips the
-    overflowing steps while the loss scale comes down, and goes on (not a failure)."""
+    model (their fp32 copies in the optimizer); bf16 with the driver's CUDA defaults (the
+    torch.compile'd fused kernels): a resume repeats the uninterrupted run. bf16 stays
+    near the fp32 CPU run; fp16 starts above the gradients' range, skips the overflowing
+    steps while the loss scale comes down, and goes on (not a failure)."""
     flags = METHOD_FLAGS + WESAR_OPTIONS + HALF[precision]
     whole = tmp_path / "whole"
-    emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags)
+    fused = precision == "bf16"
+    emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags, fused=fused)
     resumed = tmp_path / "resumed"
-    emulated(1, tiny_flags(byte_dataset, load=resume_from(whole, 3, resumed), save=resumed, **RUN) + flags)
+    emulated(1, tiny_flags(byte_dataset, load=resume_from(whole, 3, resumed), save=resumed, **RUN) + flags, fused=fused)
     half = history(whole)
     assert_same(history(resumed), half, [it for it in range(4, 7) if it in half], rel=1e-6)
     if precision == "fp16":
@@ -133,9 +141,11 @@ def test_tensor_parallel_2_with_sequence_parallelism_equals_1_and_resumes_on_1(t
 def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
     """An unsplit 4-layer run's checkpoint continues on PP=2 (1F1B; or interleaved with 2
     virtual stages per rank) to the same losses: ProRes' global layer index, the tied
-    embedding and its WeSaR gate on both end stages, NormFormer's parameters. With tied
-    embeddings the PP=2 checkpoint then continues unsplit again."""
-    run = dict(RUN, num_layers=4, global_batch_size=8, save_interval=2,
+    embedding and its WeSaR gate on both end stages, NormFormer's parameters, and the
+    interleaved schedule's overlapped p2p (batched, it swapped activations and gradients
+    between two stages). With tied embeddings the PP=2 checkpoint then continues unsplit."""
+    # 4 micro batches: the schedules' steady state, where a stage sends and receives at once.
+    run = dict(RUN, num_layers=4, global_batch_size=16, save_interval=2,
                untie_embeddings_and_output_weights=None if tied else True)
     split = ({} if tied else {"num_layers_per_virtual_pipeline_stage": 1})
     whole = tmp_path / "whole"

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False, help="GPU only; needs the two above")
+    g.add_argument("--overlap-p2p-communication", action=argparse.BooleanOptionalAction, default=True,
+                   help="interleaved schedule: overlap the pipeline sends/receives with compute (Megatron-LM's "
+                        "default); off, they are batched (megatron-core's batch_p2p_comm)")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU path")
 
     g = p.add_argument_group("training")
@@ -421,6 +424,11 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
     if args.num_layers_per_virtual_pipeline_stage is not None and args.num_microbatches % pp:
         raise ConfigError(f"interleaved pipeline: {args.num_microbatches} micro-batches per step (global batch / "
                           f"(micro batch x data-parallel size)) must be a multiple of --pipeline-model-parallel-size {pp}")
+
+    if args.virtual_pipeline_model_parallel_size is not None and pp == 2 and not args.overlap_p2p_communication:
+        raise ConfigError("--no-overlap-p2p-communication with the interleaved schedule and "
+                          "--pipeline-model-parallel-size 2: megatron-core's batched send/receive to the one "
+                          "neighbour mixes up activations and gradients (wrong losses); drop the flag")
 
     if args.lr_decay_iters is None:
         args.lr_decay_iters = args.train_iters

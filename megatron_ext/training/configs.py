@@ -26,6 +26,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """The model shape, parallel layout and precision as a megatron-core config."""
     dtype = params_dtype(args)
+    interleaved = args.virtual_pipeline_model_parallel_size is not None
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -55,6 +56,11 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         bf16=args.bf16,
         fp16=args.fp16,
         deallocate_pipeline_outputs=args.use_cuda,
+        # As Megatron-LM: overlapped (unbatched) p2p for the interleaved schedule. Batched,
+        # with two stages both neighbours are one rank and megatron-core's batch mixes up
+        # the activation and the gradient it receives from it.
+        overlap_p2p_comm=interleaved and args.overlap_p2p_communication,
+        batch_p2p_comm=not (interleaved and args.overlap_p2p_communication),
     )
 
 
