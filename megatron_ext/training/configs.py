@@ -26,7 +26,7 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
 def transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """The model shape, parallel layout and precision as a megatron-core config."""
     dtype = params_dtype(args)
-    interleaved = args.virtual_pipeline_model_parallel_size is not None
+    overlap_p2p = args.virtual_pipeline_model_parallel_size is not None and args.overlap_p2p_communication
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -59,8 +59,8 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         # As Megatron-LM: overlapped (unbatched) p2p for the interleaved schedule. Batched,
         # with two stages both neighbours are one rank and megatron-core's batch mixes up
         # the activation and the gradient it receives from it.
-        overlap_p2p_comm=interleaved and args.overlap_p2p_communication,
-        batch_p2p_comm=not (interleaved and args.overlap_p2p_communication),
+        overlap_p2p_comm=overlap_p2p,
+        batch_p2p_comm=not overlap_p2p,
     )
 
 
