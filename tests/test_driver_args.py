@@ -37,6 +37,8 @@ REJECTED = [
     (dict(world=3), 3, False, ["world size 3"]),
     (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
     (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
+    (dict(ddp_bucket_size=1000), 1, True, ["--ddp-bucket-size needs --overlap-grad-reduce"]),
+    (dict(ddp_bucket_size=0, overlap_grad_reduce=True), 1, True, ["--ddp-bucket-size", "got 0"]),
     (dict(num_layers=None), 1, False, ["--num-layers"]),
     (dict(num_layers=4, pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1,
           global_batch_size=16, no_overlap_p2p_communication=True), 2, True, ["--no-overlap-p2p-communication"]),

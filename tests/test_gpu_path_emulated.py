@@ -137,6 +137,29 @@ def test_tensor_parallel_2_with_sequence_parallelism_equals_1_and_resumes_on_1(t
     assert_same(history(tp1), history(tp2), range(4, 7), rel=1e-4)
 
 
+def test_interleaved_distributed_optimizer_resumes_on_another_dp_size_and_checks_its_buckets(tmp_path, byte_dataset):
+    """PP=2 x DP=2 interleaved (2 virtual stages per rank) with the distributed optimizer,
+    overlapped reduce/gather and several gradient buckets: its checkpoint resumes on
+    PP=2 x DP=1 to the same losses. The optimizer state is stored bucket by bucket, so
+    loading it where the buckets differ (another virtual pipeline size, or no
+    --overlap-grad-reduce) is a clear error naming the flags."""
+    run = dict(RUN, num_layers=4, global_batch_size=16, untie_embeddings_and_output_weights=True,
+               pipeline_model_parallel_size=2)
+    vpp, buckets = {"num_layers_per_virtual_pipeline_stage": 1}, {"overlap_grad_reduce": True, "ddp_bucket_size": 3000}
+    flags = METHOD_FLAGS + ["--use-distributed-optimizer"]
+    dp2 = tmp_path / "dp2"
+    emulated(4, tiny_flags(byte_dataset, save=dp2, **run, **vpp, **buckets, overlap_param_gather=True) + flags)
+    dp1 = resume_from(dp2, 3, tmp_path / "dp1")
+    emulated(2, tiny_flags(byte_dataset, load=dp1, save=dp1, **run, **vpp, **buckets) + flags)
+    assert_same(history(dp1), history(dp2), range(4, 7), rel=1e-5)
+
+    for changed in (dict(buckets), dict(vpp)):  # without the virtual stages; without bucketing
+        output = emulated(2, tiny_flags(byte_dataset, load=dp1, **dict(run, save_interval=None), **changed) + flags,
+                          expect=1)  # torch.distributed.run's exit status for its workers' 2
+        assert "exitcode  : 2" in output
+        assert "stored per gradient bucket" in output and "--num-layers-per-virtual-pipeline-stage" in output
+
+
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-1f1b", "untied-interleaved"])
 def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
     """An unsplit 4-layer run's checkpoint continues on PP=2 (1F1B; or interleaved with 2

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--use-distributed-optimizer", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--overlap-grad-reduce", action=argparse.BooleanOptionalAction, default=False, help="GPU only")
     g.add_argument("--overlap-param-gather", action=argparse.BooleanOptionalAction, default=False, help="GPU only; needs the two above")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="with --overlap-grad-reduce: parameters per gradient bucket (default: megatron-core's, "
+                        "max(40M, 1M x data-parallel size))")
     g.add_argument("--overlap-p2p-communication", action=argparse.BooleanOptionalAction, default=True,
                    help="interleaved schedule: overlap the pipeline sends/receives with compute (Megatron-LM's "
                         "default); off, they are batched (megatron-core's batch_p2p_comm)")
@@ -453,6 +456,9 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
         raise ConfigError("--max-consecutive-skips must be >= 1, --spike-window >= 2 and --spike-std > 0")
     if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+    if args.ddp_bucket_size is not None and not (args.overlap_grad_reduce and args.ddp_bucket_size >= 1):
+        raise ConfigError(f"--ddp-bucket-size needs --overlap-grad-reduce (without it the gradients are reduced in "
+                          f"one bucket) and a value >= 1, got {args.ddp_bucket_size}")
     if args.dist_ckpt_optim_fully_reshardable:
         _check_fully_reshardable(args)
     if args.save_interval is not None and (args.save is None or args.save_interval < 1):

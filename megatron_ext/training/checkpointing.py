@@ -341,6 +341,11 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         optimizer_checkpoint.allocate_state(engine.optimizer)
         template["optimizer"] = engine.optimizer.sharded_state_dict(
             dict(template), is_loading=True, metadata=optimizer_checkpoint.metadata(sharding))
+        if sharding == "dp_reshardable":
+            mismatch = optimizer_checkpoint.bucket_mismatch(template["optimizer"], directory)
+            if not _all_ranks_ok(mismatch is None):
+                raise CheckpointError(mismatch or "another rank's gradient buckets differ from the checkpoint's "
+                                                  "distributed-optimizer state (see its error)")
     load_rng = same_layout and not (args.finetune or args.no_load_rng)
     if load_rng:
         template["rng_state"] = _rng_sharded_object()

@@ -105,6 +105,7 @@ def ddp_config(args: argparse.Namespace) -> DistributedDataParallelConfig:
         overlap_grad_reduce=args.overlap_grad_reduce,
         overlap_param_gather=args.overlap_param_gather,
         use_distributed_optimizer=args.use_distributed_optimizer,
+        bucket_size=args.ddp_bucket_size,
     )
 
 

@@ -47,6 +47,40 @@ def sharding_mismatch(saved: Optional[str], args: argparse.Namespace, saved_layo
     return None
 
 
+BUCKETS_KEY = "per_bucket_numel_unpadded"
+
+
+def _bucket_sizes(per_buffer: list[dict]) -> list[list[int]]:
+    """Parameters per gradient bucket, one list per DDP buffer (model chunk, dtype)."""
+    return [sizes for buffer in per_buffer for sizes in buffer.values()]
+
+
+def bucket_mismatch(optimizer_template: Any, directory: str) -> Optional[str]:
+    """Why this rank's gradient buckets cannot take the checkpoint's 'dp_reshardable' state; None if they can.
+
+    That format stores the state bucket by bucket, so it loads only where the buckets are
+    the same; megatron-core would fail on a tensor shape or an assertion. Reads only the
+    bucket sizes megatron-core saves with it (``optimizer_template`` is the optimizer's
+    ``sharded_state_dict(is_loading=True)``). Collective: every rank must call it.
+    """
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+
+    ours = {obj.key: obj for obj in nested_values(optimizer_template)
+            if isinstance(obj, ShardedObject) and obj.key.endswith(BUCKETS_KEY)}
+    saved = dist_checkpointing.load(dict(ours), directory)
+    for key, obj in ours.items():
+        if saved[key] != obj.data:
+            return (f"the checkpoint's distributed-optimizer state is stored per gradient bucket "
+                    f"(parameters per bucket, per model chunk: checkpoint {_bucket_sizes(saved[key])}, "
+                    f"this run {_bucket_sizes(obj.data)}); the buckets follow --overlap-grad-reduce, "
+                    "--ddp-bucket-size (default max(40M, 1M x data-parallel size)) and "
+                    "--num-layers-per-virtual-pipeline-stage: use the checkpoint's, save with "
+                    "--dist-ckpt-optim-fully-reshardable, or pass --no-load-optim to load the model only")
+    return None
+
+
 def _inner_optimizers(optimizer: Any) -> list[Any]:
     """The megatron optimizers that hold a torch optimizer (``ChainedOptimizer`` unwrapped)."""
     return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
