@@ -13,7 +13,7 @@
 # pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each stage runs
 # under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT
 # seconds) so that one call never reaches the device's 600 s limit and the results so far
-# always come back; step_time.py writes its JSON after every shape. A failing stage does not
+# always come back; step_time.py writes its JSON after every variant. A failing stage does not
 # stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
 # the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl.
 # CONV_ITERS (default 300) sets the convergence length (the same for every run).

@@ -134,6 +134,23 @@ def extrapolate(corrections: dict[str, dict], configs: list[Path], num_gpus: int
     return layouts
 
 
+def fit_and_confirm(shape: harness.Shape, variant: str, points: list[dict], data: Path,
+                    args: argparse.Namespace) -> dict:
+    """The line through ``points``, the largest layer count it says fits ``--fill`` of the
+    GPU (run to confirm, stepping down on out-of-memory) and the estimator's correction."""
+    a, b = fit_line(points)
+    if not b > 0:
+        return {"fit_error": f"the peak did not grow with the layer count ({b:.0f} bytes per layer); no fit"}
+    fits = math.floor((args.fill * torch.cuda.mem_get_info()[1] - a) / b)
+    largest = None
+    for n in range(fits, max(fits - 3, max(args.layers)), -1):
+        largest = try_measure(shape, n, variant, data, args.device, args.iterations)
+        if largest is not None:
+            points.append(largest)
+            break
+    return {"max_layers_fitting": largest["layers"] if largest else None, **correction(shape, variant, points)}
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -169,18 +186,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 points = [measure(shape, n, variant, data, args.device, args.iterations) for n in sorted(set(args.layers))]
                 entry: dict = {"points": points}
                 if world_args.use_cuda:
-                    a, b = fit_line(points)
-                    fits = math.floor((args.fill * torch.cuda.mem_get_info()[1] - a) / b)
-                    largest = None
-                    for n in range(fits, max(fits - 3, max(args.layers)), -1):
-                        largest = try_measure(shape, n, variant, data, args.device, args.iterations)
-                        if largest is not None:
-                            points.append(largest)
-                            break
-                    entry["max_layers_fitting"] = largest["layers"] if largest else None
-                    entry.update(correction(shape, variant, points))
+                    entry.update(fit_and_confirm(shape, variant, points, data, args))
                 report["variants"][variant] = entry
                 logger.info("%s: %s", variant, json.dumps({k: v for k, v in entry.items() if k != "points"}))
+                harness.write_report(args.output, report)  # what is measured so far, should a later run stall
             corrections = {v: e for v, e in report["variants"].items() if "activation_ratio" in e}
             report["layouts_13b"] = extrapolate(corrections, args.configs, args.num_gpus)
         finally:

@@ -115,6 +115,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_overheads(variants: dict[str, dict]) -> None:
+    """Each variant's ``overhead``: its ms/iteration over the same shape's baseline, minus 1 (NaN without one)."""
+    base = variants.get("baseline")
+    for r in variants.values():
+        r["overhead"] = r["ms_per_iteration"] / base["ms_per_iteration"] - 1 if base else float("nan")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     harness.start_logging()
@@ -149,16 +156,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     r["mfu"] = r["model_tflops"] / ceiling
                     results[shape.name][variant] = r
                     logger.info("%s %s: %.2f ms/iteration", shape.name, variant, r["ms_per_iteration"])
-                base = results[shape.name].get("baseline")
-                for r in results[shape.name].values():
-                    r["overhead"] = r["ms_per_iteration"] / base["ms_per_iteration"] - 1 if base else float("nan")
-                # After every shape: a run stopped by a time limit keeps the shapes it finished.
-                harness.write_report(args.output, {
-                    "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                    "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
-                    "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
-                    "shapes": {s.name: vars(s) for s in shapes}, "results": results,
-                })
+                    add_overheads(results[shape.name])
+                    # After every variant: a run stopped by a time limit keeps what it finished.
+                    harness.write_report(args.output, {
+                        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                        "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
+                        "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
+                        "shapes": {s.name: vars(s) for s in shapes}, "results": results,
+                    })
         finally:
             shutdown(created)
     print(markdown(results, ceiling))

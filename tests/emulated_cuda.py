@@ -1,7 +1,9 @@
 """Run the GPU path of pretrain_gpt.py on a CPU, to test it where no GPU is lent.
 
 ``python tests/emulated_cuda.py <pretrain_gpt flags>`` (or under ``torchrun``) runs
-``pretrain_gpt.main`` with ``--device cuda`` while CUDA is emulated:
+``pretrain_gpt.main`` with ``--device cuda`` while CUDA is emulated;
+``python tests/emulated_cuda.py SCRIPT.py <its flags>`` runs another script that way (a
+dry run of the GPU benchmarks: no timings, and no memory figures, come out of it):
 
 - ``torch.cuda``'s device, stream, event, RNG and memory functions answer as one idle
   device whose RNG is the CPU generator (megatron's CUDA RNG tracker then forks CPU
@@ -22,6 +24,7 @@ compilation for the GPU), NCCL, Transformer Engine, streams and memory, speed.
 from __future__ import annotations
 
 import contextlib
+import runpy
 import sys
 import warnings
 from pathlib import Path
@@ -151,6 +154,9 @@ def _isend_of_a_copy(original):
     return isend
 
 
+EMULATED_MEMORY = 80 * 2**30  # bytes free and in all, as an idle 80 GB GPU
+
+
 @contextlib.contextmanager
 def emulated_cuda() -> Iterator[None]:
     """One emulated CUDA device for the duration of the block (see the module docstring)."""
@@ -165,6 +171,7 @@ def emulated_cuda() -> Iterator[None]:
         "get_rng_state": _cpu_get_rng_state(), "set_rng_state": _cpu_set_rng_state(),
         "memory_allocated": _returning(0), "max_memory_allocated": _returning(0), "memory_reserved": _returning(0),
         "max_memory_reserved": _returning(0), "reset_peak_memory_stats": _returning(None),
+        "mem_get_info": _returning((EMULATED_MEMORY, EMULATED_MEMORY)),
         "get_device_name": _returning("emulated CUDA (CPU)"), "is_bf16_supported": _returning(True),
     }
     with contextlib.ExitStack() as stack:
@@ -185,13 +192,25 @@ def emulated_cuda() -> Iterator[None]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``pretrain_gpt.main(argv + ['--device', 'cuda'])`` under :func:`emulated_cuda`."""
+    """``pretrain_gpt.main(argv + ['--device', 'cuda'])`` under :func:`emulated_cuda`, or
+    the script ``argv[0]`` (a ``.py`` path) as ``__main__`` with ``argv[1:]``."""
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import pretrain_gpt
     # Imported before the patches: their module-level torch lookups must see the real torch.cuda.
     from megatron_ext.training import checkpointing, engine_gpu, loop, metrics, setup  # noqa: F401
 
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0].endswith(".py"):
+        # The patches by their module's own name: the script takes over ``__main__``, where
+        # dynamo's guards would look for them.
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from emulated_cuda import emulated_cuda as emulation
+
+        sys.argv = argv
+        sys.path.insert(0, str(Path(argv[0]).resolve().parent))
+        with emulation():
+            runpy.run_path(argv[0], run_name="__main__")
+        return 0
     with emulated_cuda():
         return pretrain_gpt.main(argv + ["--device", "cuda"])
 
