@@ -46,6 +46,11 @@ def history(directory: Path) -> dict[int, tuple[float, float]]:
             if r.get("lm_loss") is not None and "event" not in r}
 
 
+def validation(directory: Path) -> dict[int, float]:
+    """Iteration -> validation loss in a run's metrics.jsonl."""
+    return {r["iteration"]: r["val_loss"] for r in read_metrics(directory) if "val_loss" in r}
+
+
 def assert_same(run: dict, reference: dict, iterations, rel: float) -> None:
     for it in iterations:
         assert run[it] == pytest.approx(reference[it], rel=rel), it
@@ -166,9 +171,11 @@ def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
     virtual stages per rank) to the same losses: ProRes' global layer index, the tied
     embedding and its WeSaR gate on both end stages, NormFormer's parameters, and the
     interleaved schedule's overlapped p2p (batched, it swapped activations and gradients
-    between two stages). With tied embeddings the PP=2 checkpoint then continues unsplit."""
+    between two stages), and the same validation loss. With tied embeddings the PP=2
+    checkpoint then continues unsplit."""
     # 4 micro batches: the schedules' steady state, where a stage sends and receives at once.
-    run = dict(RUN, num_layers=4, global_batch_size=16, save_interval=2,
+    # Validation at iteration 4: the forward-only schedule, its loss from the last stage.
+    run = dict(RUN, num_layers=4, global_batch_size=16, save_interval=2, eval_interval=4, eval_iters=2,
                untie_embeddings_and_output_weights=None if tied else True)
     split = ({} if tied else {"num_layers_per_virtual_pipeline_stage": 1})
     whole = tmp_path / "whole"
@@ -178,6 +185,7 @@ def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
                            **dict(run, train_iters=4)) + METHOD_FLAGS)
     reference = history(whole)
     assert_same(history(pp2), reference, range(3, 5), rel=1e-5)
+    assert validation(pp2)[4] == pytest.approx(validation(whole)[4], rel=1e-5)
     if tied:
         back = resume_from(pp2, 4, tmp_path / "back")
         emulated(1, tiny_flags(byte_dataset, load=back, save=back, **run) + METHOD_FLAGS)
