@@ -165,19 +165,27 @@ def test_interleaved_distributed_optimizer_resumes_on_another_dp_size_and_checks
         assert "stored per gradient bucket" in output and "--num-layers-per-virtual-pipeline-stage" in output
 
 
-@pytest.mark.parametrize("tied", [True, False], ids=["tied-1f1b", "untied-interleaved"])
-def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, tied):
-    """An unsplit 4-layer run's checkpoint continues on PP=2 (1F1B; or interleaved with 2
-    virtual stages per rank) to the same losses: ProRes' global layer index, the tied
-    embedding and its WeSaR gate on both end stages, NormFormer's parameters, and the
-    interleaved schedule's overlapped p2p (batched, it swapped activations and gradients
-    between two stages), and the same validation loss. With tied embeddings the PP=2
-    checkpoint then continues unsplit."""
+# layout -> (tied embeddings, how PP=2 splits the 4 layers)
+PIPELINE_LAYOUTS = {
+    "tied-1f1b": (True, {}),
+    "untied-interleaved": (False, {"num_layers_per_virtual_pipeline_stage": 1}),
+    "untied-uneven-1f1b": (False, {"decoder_first_pipeline_num_layers": 1}),  # 1 + 3 layers
+}
+
+
+@pytest.mark.parametrize("layout", list(PIPELINE_LAYOUTS))
+def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, layout):
+    """An unsplit 4-layer run's checkpoint continues on PP=2 (1F1B; interleaved with 2
+    virtual stages per rank; 1F1B with 1 + 3 layers) to the same training and validation
+    losses: ProRes' global layer index, the tied embedding and its WeSaR gate on both end
+    stages, NormFormer's parameters, and the interleaved schedule's overlapped p2p
+    (batched, it swapped activations and gradients between two stages). With tied
+    embeddings the PP=2 checkpoint then continues unsplit."""
+    tied, split = PIPELINE_LAYOUTS[layout]
     # 4 micro batches: the schedules' steady state, where a stage sends and receives at once.
     # Validation at iteration 4: the forward-only schedule, its loss from the last stage.
     run = dict(RUN, num_layers=4, global_batch_size=16, save_interval=2, eval_interval=4, eval_iters=2,
                untie_embeddings_and_output_weights=None if tied else True)
-    split = ({} if tied else {"num_layers_per_virtual_pipeline_stage": 1})
     whole = tmp_path / "whole"
     emulated(1, tiny_flags(byte_dataset, save=whole, **run) + METHOD_FLAGS)
     pp2 = resume_from(whole, 2, tmp_path / "pp2")
