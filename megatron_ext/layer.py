@@ -37,6 +37,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.norms import norm_last_dim
+from megatron_ext.param_gather import gathered
 
 SubmoduleSpec = Optional[Union[ModuleSpec, type]]
 
@@ -130,6 +131,7 @@ class BranchBiasDropoutAdd:
             if fused and isinstance(norm, (torch.nn.LayerNorm, torch.nn.RMSNorm)):
                 norm_bias = getattr(norm, "bias", None)
                 rms = isinstance(norm, torch.nn.RMSNorm)
+                gathered(norm)  # its weights go to the kernel, not through its forward
                 return fused_normed_scaled_bias_dropout_add(
                     out, bias, residual, norm.weight, norm_bias, norm.eps, rms, *scales
                 )
@@ -142,7 +144,7 @@ class BranchBiasDropoutAdd:
 
 
 def _factor(scale: Optional[torch.nn.Module]) -> Optional[torch.Tensor]:
-    return None if scale is None else scale.scale_factor()
+    return None if scale is None else gathered(scale).scale_factor()
 
 
 class _UnknownMLPTypeFilter(logging.Filter):

@@ -49,6 +49,7 @@ from megatron.core.utils import divide
 
 from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
+from megatron_ext.param_gather import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +273,7 @@ class FFNNormMixin:
         fused = self.config.bias_activation_fusion
         norm = self.ffn_norm
         if fused and norm.tp_size == 1:
+            gathered(norm)  # its weights go to the kernel, not through its forward
             normalized = fused_ffn_activation_norm(
                 intermediate, bias, norm.weight, norm.bias, norm.eps, norm.rms, glu, silu, approximate
             )

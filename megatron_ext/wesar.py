@@ -227,8 +227,13 @@ class WeSaRGates(torch.nn.Module):
         gates = {kind: _new_gate(value, device) for kind, value in values.items()}
         return cls(gates, None if column_gate is None else column_gate.to(device), reduce_grad, tp_group)
 
-    def feature_scale(self) -> torch.Tensor:
-        """Scale of each local output feature: shape [1] or [local output features]."""
+    def forward(self) -> torch.Tensor:
+        """Scale of each local output feature: shape [1] or [local output features].
+
+        Read through the module call (``self()``): megatron-core's DDP finishes a module's
+        parameter all-gather in its forward pre-hook (``--overlap-param-gather``), and the
+        gates are this module's parameters, not their linear's.
+        """
         gates = torch.stack(list(self._parameters.values()))
         if self.reduce_grad:
             gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)
@@ -236,11 +241,11 @@ class WeSaRGates(torch.nn.Module):
 
     def scale_output(self, output: torch.Tensor) -> torch.Tensor:
         """``a * output``, the gates indexed by the last dim of ``output``."""
-        return output * self.feature_scale().to(output.dtype)
+        return output * self().to(output.dtype)
 
     def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
         """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
-        return scale_weight(weight, self.feature_scale().to(weight.dtype), feature_dim)
+        return scale_weight(weight, self().to(weight.dtype), feature_dim)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
         """The gates as checkpoint tensors replicated over TP (never TP-partitioned).

@@ -95,3 +95,22 @@ def test_hooks_refuse_a_bias_dropout_add_they_would_replace():
     spec = dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, mlp_bda=lambda t, f: None))
     with pytest.raises(NotImplementedError, match="mlp_bda"):
         ExtTransformerLayer(config, spec.submodules, layer_number=1)
+
+
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_every_module_owning_parameters_runs_its_forward_pre_hooks(fused, tied):
+    """megatron-core's DDP waits for a module's all-gathered parameters (--overlap-param-gather)
+    in that module's forward pre-hook. A parameter read without it (WeSaR's gates held by a
+    child module, a norm's weight handed to a fused kernel) would be read before its
+    all-gather lands, and a bucket of only such parameters would never be waited for."""
+    fusions = dict(bias_dropout_fusion=True, bias_activation_fusion=True) if fused else {}
+    model = build(tiny_config(**fusions), ALL, share_embeddings_and_output_weights=tied)
+    owners = {name: module for name, module in model.named_modules() if list(module.parameters(recurse=False))}
+    called: set[str] = set()
+    for name, module in owners.items():
+        module.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
+    forward_loss(model, batch()).backward()
+    assert any(".wesar" in name for name in owners) and any("post_attention_norm" in name for name in owners)
+    assert any("ffn_norm" in name for name in owners) and any("mlp_skip_scale" in name for name in owners)
+    assert sorted(set(owners) - called) == []
