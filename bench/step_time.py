@@ -148,6 +148,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             logger.info("%s matmul ceiling: %.1f TFLOP/s on %s", dtype, ceiling,
                         torch.cuda.get_device_name(dev) if dev.type == "cuda" else "CPU")
             results: dict[str, dict] = {}
+            report = {
+                "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
+                "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
+                "shapes": {s.name: vars(s) for s in shapes}, "results": results,
+            }
             for shape in shapes:
                 results[shape.name] = {}
                 for variant in args.variants:
@@ -158,12 +164,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     logger.info("%s %s: %.2f ms/iteration", shape.name, variant, r["ms_per_iteration"])
                     add_overheads(results[shape.name])
                     # After every variant: a run stopped by a time limit keeps what it finished.
-                    harness.write_report(args.output, {
-                        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
-                        "torch": torch.__version__, "dtype": str(dtype), "matmul_ceiling_tflops": ceiling,
-                        "warmup": args.warmup, "timed_iterations": args.iters, "extra_flags": args.extra_flags,
-                        "shapes": {s.name: vars(s) for s in shapes}, "results": results,
-                    })
+                    harness.write_report(args.output, report)
         finally:
             shutdown(created)
     print(markdown(results, ceiling))
