@@ -37,7 +37,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_ext.norms import norm_last_dim
-from megatron_ext.param_gather import gathered
+from megatron_ext.param_gather import gathered, register_after
 
 SubmoduleSpec = Optional[Union[ModuleSpec, type]]
 
@@ -183,6 +183,9 @@ class ExtTransformerLayer(TransformerLayer):
         self.branch_scale = self._build(submodules.branch_scale, config=config, layer_number=self.layer_number)
         self.post_attention_norm = self._build(submodules.post_attention_norm, **norm_kwargs)
         self.mlp_skip_scale = self._build(submodules.mlp_skip_scale, config=config)
+        # the attention branch's hooks act before the MLP sublayer: registered there (forward order)
+        register_after(self, "post_attention_norm", "self_attention")
+        register_after(self, "branch_scale", "self_attention")
         hooked = (self.branch_scale, self.post_attention_norm, self.mlp_skip_scale)
         if any(hook is not None for hook in hooked):
             self._check_bias_dropout_add()

@@ -49,7 +49,7 @@ from megatron.core.utils import divide
 
 from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
-from megatron_ext.param_gather import gathered
+from megatron_ext.param_gather import gathered, register_after
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +264,7 @@ class FFNNormMixin:
         super().__init__(config, *args, ffn_hidden_size=ffn_hidden_size, **kwargs)
         self.activation_kind = _activation_kind(config)
         self.ffn_norm = FFNNorm(config, ffn_hidden_size or config.ffn_hidden_size, self.tp_group)
+        register_after(self, "ffn_norm", "linear_fc1")  # forward order: fc1, norm, fc2
 
     def forward(self, hidden_states: torch.Tensor, per_token_scale: Optional[torch.Tensor] = None, **kwargs):
         if per_token_scale is not None:

@@ -10,6 +10,7 @@ import torch
 from driver_utils import METHOD_FLAGS, byte_dataset, read_metrics, tiny_flags, train_losses, val_losses  # noqa: F401
 
 import pretrain_gpt
+from megatron_ext import layer, normformer
 from megatron_ext.training import checkpointing, forward
 from megatron_ext.training.checkpointing import TRACKER, CheckpointError, read_tracker
 from megatron_ext.training.loop import EXIT_NONFINITE, SpikeDetector
@@ -102,6 +103,32 @@ def test_resume_with_another_model_or_other_methods_is_an_error(tmp_path, byte_d
     assert pretrain_gpt.main(argv) == pretrain_gpt.EXIT_CONFIG_ERROR
     assert "--prores/--prores-schedule/--prores-warmup" in capsys.readouterr().err
     assert pretrain_gpt.main(argv + ["--override-checkpoint-methods"]) == 0
+
+
+def test_optimizer_state_loads_only_in_the_parameter_order_it_was_saved_in(tmp_path, byte_dataset, capsys,
+                                                                          monkeypatch):
+    """torch's optimizer state is keyed by parameter position: code that registers the same
+    parameters in another order (here megatron-ext before NormFormer's norms were registered
+    in forward order) would give parameters other parameters' Adam moments. The order is
+    saved and checked, a checkpoint without it is refused, and --no-load-optim loads the model."""
+    run = dict(train_iters=2, lr_decay_iters=12, eval_iters=0)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path, **run) + METHOD_FLAGS) == 0
+    resume = tiny_flags(byte_dataset, load=tmp_path, **dict(run, train_iters=3)) + METHOD_FLAGS
+    with monkeypatch.context() as older:
+        for module in (layer, normformer):
+            older.setattr(module, "register_after", lambda *unused: None)
+        assert pretrain_gpt.main(resume) == pretrain_gpt.EXIT_CONFIG_ERROR
+        err = capsys.readouterr().err
+        assert "stored by parameter position" in err and "post_attention_norm" in err
+        assert pretrain_gpt.main(resume + ["--no-load-optim"]) == 0
+    assert pretrain_gpt.main(resume) == 0
+
+    path = tmp_path / "iter_0000002" / "mp_rank_00_000" / "model_optim_rng.pt"
+    payload = torch.load(path, weights_only=False)
+    del payload["parameter_order"]  # as megatron-ext saved it before
+    torch.save(payload, path)
+    assert pretrain_gpt.main(resume) == pretrain_gpt.EXIT_CONFIG_ERROR
+    assert "does not record the order" in capsys.readouterr().err
 
 
 def test_crash_during_save_never_moves_the_tracker(tmp_path, byte_dataset, monkeypatch):

@@ -14,6 +14,7 @@ from torch._dynamo.utils import counters
 from megatron_ext import ExtensionConfig, NormFormerConfig, ProResConfig, WeSaRConfig
 from megatron_ext.layer import ExtTransformerLayer, scaled_bias_dropout_add
 from megatron_ext.model import build_layer_spec
+from megatron_ext.param_gather import register_after
 from megatron_ext.prores import ProResScale, prores_alpha, set_prores_step
 
 pytestmark = pytest.mark.usefixtures("parallel1")
@@ -97,20 +98,76 @@ def test_hooks_refuse_a_bias_dropout_add_they_would_replace():
         ExtTransformerLayer(config, spec.submodules, layer_number=1)
 
 
-@pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
-@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def _owners(model: torch.nn.Module) -> list[str]:
+    """Modules owning parameters, in registration order (that of ``model.parameters()``)."""
+    return [name for name, module in model.named_modules() if list(module.parameters(recurse=False))]
+
+
+def _reached(model: torch.nn.Module) -> list[str]:
+    """Modules owning parameters, in the order a forward and backward first call them."""
+    reached: list[str] = []
+    for name, module in model.named_modules():
+        if name in _owners(model):
+            module.register_forward_pre_hook(
+                lambda module, args, name=name: None if name in reached else reached.append(name))
+    forward_loss(model, batch()).backward()
+    return reached
+
+
+def _inverted(model: torch.nn.Module) -> set[tuple[str, str]]:
+    """Pairs of parameter owners the forward reaches in the other order than they are registered."""
+    registered, position = _owners(model), {name: i for i, name in enumerate(_reached(model))}
+    return {(a, b) for i, a in enumerate(registered) for b in registered[i + 1:] if position[a] > position[b]}
+
+
+FUSED_OR_EAGER = pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
+TIED_OR_UNTIED = pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+
+
+def _build_all(fused: bool, tied: bool, extensions: ExtensionConfig = ALL) -> torch.nn.Module:
+    fusions = dict(bias_dropout_fusion=True, bias_activation_fusion=True) if fused else {}
+    return build(tiny_config(**fusions), extensions, share_embeddings_and_output_weights=tied)
+
+
+@FUSED_OR_EAGER
+@TIED_OR_UNTIED
 def test_every_module_owning_parameters_runs_its_forward_pre_hooks(fused, tied):
     """megatron-core's DDP waits for a module's all-gathered parameters (--overlap-param-gather)
     in that module's forward pre-hook. A parameter read without it (WeSaR's gates held by a
     child module, a norm's weight handed to a fused kernel) would be read before its
     all-gather lands, and a bucket of only such parameters would never be waited for."""
-    fusions = dict(bias_dropout_fusion=True, bias_activation_fusion=True) if fused else {}
-    model = build(tiny_config(**fusions), ALL, share_embeddings_and_output_weights=tied)
-    owners = {name: module for name, module in model.named_modules() if list(module.parameters(recurse=False))}
-    called: set[str] = set()
-    for name, module in owners.items():
-        module.register_forward_pre_hook(lambda module, args, name=name: called.add(name))
-    forward_loss(model, batch()).backward()
+    model = _build_all(fused, tied)
+    owners = _owners(model)
     assert any(".wesar" in name for name in owners) and any("post_attention_norm" in name for name in owners)
     assert any("ffn_norm" in name for name in owners) and any("mlp_skip_scale" in name for name in owners)
-    assert sorted(set(owners) - called) == []
+    assert sorted(set(owners) - set(_reached(model))) == []
+
+
+@FUSED_OR_EAGER
+@TIED_OR_UNTIED
+def test_methods_register_their_parameters_in_forward_order(fused, tied):
+    """megatron-core's DDP fills its buckets in the reverse order of ``model.parameters()`` and,
+    under --overlap-param-gather, starts the next bucket's all-gather when the forward reaches
+    one: a parameter registered out of forward order loses that overlap. The methods add no
+    such parameter: each pair reached out of order is one of megatron-core's own layer
+    (its attention registers linear_proj before linear_qkv), a gate counted as its linear."""
+    megatrons = _inverted(_build_all(fused, tied, ExtensionConfig()))
+    ours = _inverted(_build_all(fused, tied))
+    assert megatrons, "megatron-core's own order changed: this test compares against it"
+    as_linear = {(a.removesuffix(".wesar"), b.removesuffix(".wesar")) for a, b in ours}
+    assert sorted(as_linear - megatrons) == []
+
+
+def test_register_after_changes_the_order_only():
+    parent = torch.nn.Sequential()
+    for name in "abc":
+        parent.add_module(name, torch.nn.Linear(2, 2))
+    keys = set(parent.state_dict())
+    register_after(parent, "c", "a")
+    assert [name for name, _ in parent.named_children()] == ["a", "c", "b"]
+    assert set(parent.state_dict()) == keys
+    parent.unset = None
+    register_after(parent, "unset", "a")  # an absent hook: nothing to move
+    assert [name for name, _ in parent.named_children()] == ["a", "c", "b"]
+    with pytest.raises(KeyError, match="no submodule 'd' to register 'b' after"):
+        register_after(parent, "b", "d")

@@ -161,6 +161,7 @@ def _save_cpu_rank(path: str, common: dict, engine: Engine, model_chunks: list[t
     """This model-parallel rank's model, optimizer, scheduler and RNG, written atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = dict(common, model=[c.state_dict() for c in model_chunks], optimizer=engine.optimizer.state_dict(),
+                   parameter_order=list(_parameter_names(model_chunks).values()),
                    opt_param_scheduler=engine.scheduler.state_dict(), rng=rng_state(False))
     tmp = path + ".tmp"
     torch.save(payload, tmp)
@@ -210,9 +211,23 @@ def _sharded_state_dict(common: dict, engine: Engine, model_chunks: list[torch.n
     sharded.update(_model_sharded_state_dict(model_chunks))
     sharded["optimizer"] = engine.optimizer.sharded_state_dict(
         sharded, is_loading=False, metadata=optimizer_checkpoint.metadata(common["optimizer_sharding"]))
+    if common["optimizer_sharding"] == "dp_reshardable":
+        sharded["optimizer_bucket_order"] = _bucket_order(engine, model_chunks)
     sharded["opt_param_scheduler"] = engine.scheduler.state_dict()
     sharded["rng_state"] = _rng_sharded_object()
     return sharded
+
+
+def _parameter_names(model_chunks: list[torch.nn.Module]) -> dict[torch.nn.Parameter, str]:
+    """Parameter -> name as in the model's state dict ("model<i>." first with several chunks), in registration order."""
+    chunks = unwrap_model(list(model_chunks))
+    return {param: (f"model{i}." if len(chunks) > 1 else "") + name
+            for i, chunk in enumerate(chunks) for name, param in chunk.named_parameters()}
+
+
+def _bucket_order(engine: Engine, model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
+    """The distributed optimizer's parameter names in bucket order."""
+    return optimizer_checkpoint.bucket_order(engine.optimizer, _parameter_names(model_chunks))
 
 
 def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks: list[torch.nn.Module]) -> None:
@@ -315,6 +330,11 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
         chunk.load_state_dict(state)
     load_optim = _loads_optimizer(args)
     if load_optim:
+        # torch's optimizer state is keyed by parameter position, in the model's parameter order
+        where = optimizer_checkpoint.order_mismatch(payload.get("parameter_order"),
+                                                    list(_parameter_names(model_chunks).values()))
+        if where:
+            raise CheckpointError(optimizer_checkpoint.order_error("by parameter position", where))
         engine.optimizer.load_state_dict(payload["optimizer"])
     if not (args.finetune or args.no_load_rng):
         set_rng_state(payload["rng"], False)
@@ -342,7 +362,8 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         template["optimizer"] = engine.optimizer.sharded_state_dict(
             dict(template), is_loading=True, metadata=optimizer_checkpoint.metadata(sharding))
         if sharding == "dp_reshardable":
-            mismatch = optimizer_checkpoint.bucket_mismatch(template["optimizer"], directory)
+            mismatch = optimizer_checkpoint.bucket_mismatch(template["optimizer"], _bucket_order(engine, model_chunks),
+                                                            directory)
             if not _all_ranks_ok(mismatch is None):
                 raise CheckpointError(mismatch or "another rank's gradient buckets differ from the checkpoint's "
                                                   "distributed-optimizer state (see its error)")

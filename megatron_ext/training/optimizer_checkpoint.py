@@ -1,6 +1,7 @@
 """The distributed optimizer's part of a ``dist_checkpointing`` checkpoint (GPU path).
 
-Which of megatron-core's formats is saved, whether this run can load it, and the
+Which of megatron-core's formats is saved, whether this run can load it (its buckets and
+the order of their parameters; the order matters to the CPU path's optimizer state too), and the
 repairs around megatron-core 0.16.1's optimizer checkpoints: state allocated before a
 save or load where there is none yet, and torch AdamW's per-parameter ``step`` (the
 DistributedOptimizer's fallback without Transformer Engine or Apex mishandles it).
@@ -48,6 +49,7 @@ def sharding_mismatch(saved: Optional[str], args: argparse.Namespace, saved_layo
 
 
 BUCKETS_KEY = "per_bucket_numel_unpadded"
+ORDER_KEY = "per_bucket_param_names"
 
 
 def _bucket_sizes(per_buffer: list[dict]) -> list[list[int]]:
@@ -55,22 +57,68 @@ def _bucket_sizes(per_buffer: list[dict]) -> list[list[int]]:
     return [sizes for buffer in per_buffer for sizes in buffer.values()]
 
 
-def bucket_mismatch(optimizer_template: Any, directory: str) -> Optional[str]:
+def bucket_order(optimizer: Any, names: dict[torch.nn.Parameter, str]) -> dict[str, Any]:
+    """Each distributed optimizer's parameter names in bucket order, to save with 'dp_reshardable' state.
+
+    That format lays each bucket's state out in the order of the bucket's parameters, and
+    megatron-core stores only the bucket sizes: code that registers the same parameters in
+    another order would load parts of other parameters' fp32 main weights and Adam moments
+    into each, silently (the weights the model loaded by name are overwritten). One object per
+    distributed optimizer and tensor/pipeline rank (``names``: parameter -> name).
+    """
+    from megatron.core.dist_checkpointing import ShardedObject
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    objects = {}
+    for index, opt in enumerate(_inner_optimizers(optimizer)):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        order = [names[param] for buffer in opt.buffers for bucket in buffer.buckets for param in bucket.params_list]
+        key = f"optimizer.distributed.dp_group_idx_{opt.data_parallel_group_idx}.optimizer_{index}.{ORDER_KEY}"
+        objects[key] = ShardedObject(key, order, (1,), (0,), replica_id=(
+            opt.distributed_optimizer_instance_id, 0, opt.data_parallel_group.rank()))
+    return objects
+
+
+def order_mismatch(saved: Optional[list[str]], ours: list[str]) -> Optional[str]:
+    """Where a checkpoint's parameter order (names; None if it records none) first differs from this run's."""
+    if saved is None:
+        return "the checkpoint does not record the order"
+    for position, (saved_name, our_name) in enumerate(zip(saved, ours)):
+        if saved_name != our_name:
+            return f"parameter {position}: checkpoint {saved_name}, this run {our_name}"
+    if len(saved) != len(ours):
+        return f"checkpoint {len(saved)} parameters, this run {len(ours)}"
+    return None
+
+
+def order_error(kind: str, where: str) -> str:
+    """The error for optimizer state of ``kind`` stored by parameter position, loaded in another order."""
+    return (f"the checkpoint's optimizer state is stored {kind}, and this run's order differs ({where}), as after "
+            "a change of megatron-ext or megatron-core between saving and loading: resume with the code that saved "
+            "it, or pass --no-load-optim to load the model only")
+
+
+def bucket_mismatch(optimizer_template: Any, order: dict[str, Any], directory: str) -> Optional[str]:
     """Why this rank's gradient buckets cannot take the checkpoint's 'dp_reshardable' state; None if they can.
 
     That format stores the state bucket by bucket, so it loads only where the buckets are
-    the same; megatron-core would fail on a tensor shape or an assertion. Reads only the
-    bucket sizes megatron-core saves with it (``optimizer_template`` is the optimizer's
-    ``sharded_state_dict(is_loading=True)``). Collective: every rank must call it.
+    the same: the same sizes (megatron-core would fail on a tensor shape or an assertion)
+    and the same parameters in the same order (megatron-core would load them silently into
+    the wrong parameters). Reads only the bucket sizes megatron-core saves with it
+    (``optimizer_template`` is the optimizer's ``sharded_state_dict(is_loading=True)``) and
+    the order of :func:`bucket_order`. Collective: every rank must call it.
     """
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedObject
     from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    ours = {obj.key: obj for obj in nested_values(optimizer_template)
-            if isinstance(obj, ShardedObject) and obj.key.endswith(BUCKETS_KEY)}
-    saved = dist_checkpointing.load(dict(ours), directory)
-    for key, obj in ours.items():
+    sizes = {obj.key: obj for obj in nested_values(optimizer_template)
+             if isinstance(obj, ShardedObject) and obj.key.endswith(BUCKETS_KEY)}
+    saved, _, absent = dist_checkpointing.load(dict(sizes, **order), directory,
+                                               strict=StrictHandling.RETURN_UNEXPECTED)
+    for key, obj in sizes.items():
         if saved[key] != obj.data:
             return (f"the checkpoint's distributed-optimizer state is stored per gradient bucket "
                     f"(parameters per bucket, per model chunk: checkpoint {_bucket_sizes(saved[key])}, "
@@ -78,6 +126,10 @@ def bucket_mismatch(optimizer_template: Any, directory: str) -> Optional[str]:
                     "--ddp-bucket-size (default max(40M, 1M x data-parallel size)) and "
                     "--num-layers-per-virtual-pipeline-stage: use the checkpoint's, save with "
                     "--dist-ckpt-optim-fully-reshardable, or pass --no-load-optim to load the model only")
+    for key, obj in order.items():
+        where = order_mismatch(None if key in absent else saved[key], obj.data)
+        if where:
+            return order_error("per gradient bucket in the order of the bucket's parameters", where)
     return None
 
 

@@ -1,0 +1,28 @@
+"""pretrain_gpt.py as megatron-ext ran before the methods' modules were registered in forward order.
+
+``emulated_cuda.py THIS.py {reordered,unrecorded} <pretrain_gpt flags>``: ``reordered``
+registers NormFormer's norms in the former order (a code change between saving and
+loading); ``unrecorded`` also saves no bucket order with 'dp_reshardable' state, as that
+code did not.
+"""
+
+import contextlib
+import sys
+from unittest import mock
+
+import pretrain_gpt
+from megatron_ext import layer, normformer
+from megatron_ext.training import checkpointing
+
+
+def main(mode: str, flags: list[str]) -> int:
+    with contextlib.ExitStack() as patches:
+        for module in (layer, normformer):
+            patches.enter_context(mock.patch.object(module, "register_after", lambda *unused: None))
+        if mode == "unrecorded":
+            patches.enter_context(mock.patch.object(checkpointing, "_bucket_order", lambda *unused: {}))
+        return pretrain_gpt.main(flags + ["--device", "cuda"])
+
+
+if __name__ == "__main__":  # not again in the checkpoint writer's spawned process
+    sys.exit(main(sys.argv[1], sys.argv[2:]))
