@@ -49,7 +49,7 @@ def sharding_mismatch(saved: Optional[str], args: argparse.Namespace, saved_layo
 
 
 BUCKETS_KEY = "per_bucket_numel_unpadded"
-ORDER_KEY = "per_bucket_param_names"
+ORDER_KEY = "bucket_param_order"
 
 
 def _bucket_sizes(per_buffer: list[dict]) -> list[list[int]]:
