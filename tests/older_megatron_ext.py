@@ -3,11 +3,12 @@
 ``emulated_cuda.py THIS.py {reordered,unrecorded} <pretrain_gpt flags>``: ``reordered``
 registers NormFormer's norms in the former order (a code change between saving and
 loading); ``unrecorded`` also saves no bucket order with 'dp_reshardable' state, as that
-code did not.
+code did not. :func:`former_registration_order` is the first change alone, for in-process tests.
 """
 
 import contextlib
 import sys
+from typing import Iterator
 from unittest import mock
 
 import pretrain_gpt
@@ -15,10 +16,17 @@ from megatron_ext import layer, normformer
 from megatron_ext.training import checkpointing
 
 
+@contextlib.contextmanager
+def former_registration_order() -> Iterator[None]:
+    """NormFormer's norms registered after the modules they follow, as megatron-ext did before."""
+    with mock.patch.object(layer, "register_after", lambda *unused: None), \
+            mock.patch.object(normformer, "register_after", lambda *unused: None):
+        yield
+
+
 def main(mode: str, flags: list[str]) -> int:
     with contextlib.ExitStack() as patches:
-        for module in (layer, normformer):
-            patches.enter_context(mock.patch.object(module, "register_after", lambda *unused: None))
+        patches.enter_context(former_registration_order())
         if mode == "unrecorded":
             patches.enter_context(mock.patch.object(checkpointing, "_bucket_order", lambda *unused: {}))
         return pretrain_gpt.main(flags + ["--device", "cuda"])

@@ -106,8 +106,9 @@ def _owners(model: torch.nn.Module) -> list[str]:
 def _reached(model: torch.nn.Module) -> list[str]:
     """Modules owning parameters, in the order a forward and backward first call them."""
     reached: list[str] = []
+    owners = set(_owners(model))
     for name, module in model.named_modules():
-        if name in _owners(model):
+        if name in owners:
             module.register_forward_pre_hook(
                 lambda module, args, name=name: None if name in reached else reached.append(name))
     forward_loss(model, batch()).backward()

@@ -161,7 +161,7 @@ def _save_cpu_rank(path: str, common: dict, engine: Engine, model_chunks: list[t
     """This model-parallel rank's model, optimizer, scheduler and RNG, written atomically."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     payload = dict(common, model=[c.state_dict() for c in model_chunks], optimizer=engine.optimizer.state_dict(),
-                   parameter_order=list(_parameter_names(model_chunks).values()),
+                   parameter_order=_parameter_order(model_chunks),
                    opt_param_scheduler=engine.scheduler.state_dict(), rng=rng_state(False))
     tmp = path + ".tmp"
     torch.save(payload, tmp)
@@ -223,6 +223,11 @@ def _parameter_names(model_chunks: list[torch.nn.Module]) -> dict[torch.nn.Param
     chunks = unwrap_model(list(model_chunks))
     return {param: (f"model{i}." if len(chunks) > 1 else "") + name
             for i, chunk in enumerate(chunks) for name, param in chunk.named_parameters()}
+
+
+def _parameter_order(model_chunks: list[torch.nn.Module]) -> list[str]:
+    """The parameter names in registration order, the order of torch's optimizer state."""
+    return list(_parameter_names(model_chunks).values())
 
 
 def _bucket_order(engine: Engine, model_chunks: list[torch.nn.Module]) -> dict[str, Any]:
@@ -331,8 +336,7 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
     load_optim = _loads_optimizer(args)
     if load_optim:
         # torch's optimizer state is keyed by parameter position, in the model's parameter order
-        where = optimizer_checkpoint.order_mismatch(payload.get("parameter_order"),
-                                                    list(_parameter_names(model_chunks).values()))
+        where = optimizer_checkpoint.order_mismatch(payload.get("parameter_order"), _parameter_order(model_chunks))
         if where:
             raise CheckpointError(optimizer_checkpoint.order_error("by parameter position", where))
         engine.optimizer.load_state_dict(payload["optimizer"])
