@@ -65,7 +65,12 @@ train() {  # train NAME ITERS EXTRA...: one pretrain_gpt.py run into $WORK/runs/
 CHECK_FLAGS=(--lr-warmup-iters 5 --eval-interval 10 --eval-iters 2 --log-interval 1 --prores --prores-warmup 2 --wesar --normformer)
 
 stage_check() {  # 20 iterations saved at 10, then the same run resumed from iteration 10
-    RUN_TIMEOUT=$CHECK_TIMEOUT train check 20 "${CHECK_FLAGS[@]}" --save "$WORK/runs/check" --save-interval 10 || return
+    TORCH_LOGS=recompiles RUN_TIMEOUT=$CHECK_TIMEOUT train check 20 "${CHECK_FLAGS[@]}" --save "$WORK/runs/check" \
+        --save-interval 10 2>&1 | tee "$WORK/check-first.log"
+    [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
+    # The fused kernels compile in the first iteration (and the evaluation before it); none after.
+    echo "torch.compile recompilations after iteration 1:" \
+        "$(sed -n '/ iteration  *1\//,$p' "$WORK/check-first.log" | grep -c 'Recompiling function')"
     mkdir -p "$WORK/runs/check-resumed"
     cp -r "$WORK/runs/check/iter_0000010" "$WORK/runs/check-resumed/"
     echo 10 >"$WORK/runs/check-resumed/latest_checkpointed_iteration.txt"

@@ -9,19 +9,22 @@
 #   bash bench/gpu_evidence_dry_run.sh check speed memory    # about 4.5 minutes on 2 cores
 #   CONV_ITERS=60 bash bench/gpu_evidence_dry_run.sh convergence
 #
-# Needs .venv (tools/bootstrap.sh), data/gpu (tools/prepare_gpu_data.py) and the wheel in
-# .whl/ (docs/GPU_EVIDENCE_PLAN.md). Results land in $OUT (default runs/gpu_evidence_dry_run);
+# Needs .venv (tools/bootstrap.sh; VENV names another, e.g. one with the device's torch,
+# docs/GPU.md), data/gpu (tools/prepare_gpu_data.py) and the wheel in .whl/
+# (docs/GPU_EVIDENCE_PLAN.md). Results land in $OUT (default runs/gpu_evidence_dry_run);
 # the work directory is temporary unless WORK is given.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 REPO=$PWD
+VENV_DIR=${VENV:-.venv}
+[[ $VENV_DIR = /* ]] || VENV_DIR=$REPO/$VENV_DIR
 SHIMS=$(mktemp -d)
 trap 'rm -rf "$SHIMS"' EXIT
 
 cat >"$SHIMS/python3" <<EOF
 #!/usr/bin/env bash
 # python3 for the rehearsal: scripts under emulated CUDA, toy sizes for the benchmarks.
-PY="$REPO/${VENV:-.venv}/bin/python"
+PY="$VENV_DIR/bin/python"
 EMULATE="$REPO/tests/emulated_cuda.py"
 if [ "\$1" = -m ] && [ "\$2" = pip ]; then echo "[dry run] skipped: pip \${*:3}"; exit 0; fi
 case "\$1" in

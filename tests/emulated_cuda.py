@@ -24,6 +24,7 @@ compilation for the GPU), NCCL, Transformer Engine, streams and memory, speed.
 from __future__ import annotations
 
 import contextlib
+import logging
 import runpy
 import sys
 import warnings
@@ -33,6 +34,7 @@ from unittest import mock
 
 import torch
 import torch.distributed as dist
+import torch.utils._triton as torch_triton
 from torch.overrides import TorchFunctionMode
 
 _CUDA_TYPE_NAMES = {torch.float32: "torch.cuda.FloatTensor", torch.float16: "torch.cuda.HalfTensor",
@@ -154,6 +156,22 @@ def _isend_of_a_copy(original):
     return isend
 
 
+@contextlib.contextmanager
+def _without_log_record(logger_name: str, message: str) -> Iterator[None]:
+    """Drop ``logger_name``'s records whose message is ``message`` for the duration of the block."""
+    logger = logging.getLogger(logger_name)
+
+    def keep(record: logging.LogRecord) -> bool:
+        return record.getMessage() != message
+
+    logger.addFilter(keep)
+    try:
+        yield
+    finally:
+        logger.removeFilter(keep)
+
+
+_RNG_NOTICE = "CPU RNG state changed within GPU RNG context"
 EMULATED_MEMORY = 80 * 2**30  # bytes free and in all, as an idle 80 GB GPU
 
 
@@ -173,11 +191,18 @@ def emulated_cuda() -> Iterator[None]:
         "max_memory_reserved": _returning(0), "reset_peak_memory_stats": _returning(None),
         "mem_get_info": _returning((EMULATED_MEMORY, EMULATED_MEMORY)),
         "get_device_name": _returning("emulated CUDA (CPU)"), "is_bf16_supported": _returning(True),
+        # Asked by torch's optimizers of CUDA tensors; a CUDA build of torch would ask the driver.
+        "is_current_stream_capturing": _returning(False),
     }
     with contextlib.ExitStack() as stack:
         for name, value in patches.items():
             stack.enter_context(mock.patch.object(torch.cuda, name, value, create=True))
         stack.enter_context(mock.patch.object(torch.cuda.random, "get_rng_state", _cpu_get_rng_state()))
+        # torch.compile tracks the accelerator's current stream and asks triton's GPU support;
+        # on a CUDA build of torch (as on the GPU machine, with triton) both would ask the
+        # driver. As on a CPU build without triton: no accelerator, no triton.
+        stack.enter_context(mock.patch.object(torch.accelerator, "is_available", _returning(False)))
+        stack.enter_context(mock.patch.object(torch_triton, "has_triton_package", _returning(False)))
         stack.enter_context(mock.patch.object(megatron_random, "_get_cuda_rng_state", _cpu_get_rng_state()))
         stack.enter_context(mock.patch.object(megatron_random, "_set_cuda_rng_state", _cpu_set_rng_state()))
         stack.enter_context(mock.patch.object(dist, "init_process_group", _gloo_init_process_group(dist.init_process_group)))
@@ -185,8 +210,11 @@ def emulated_cuda() -> Iterator[None]:
         isend = _isend_of_a_copy(dist.isend)  # also where P2POp checks its op's identity
         stack.enter_context(mock.patch.object(dist, "isend", isend))
         stack.enter_context(mock.patch.object(dist.distributed_c10d, "isend", isend))
+        # The emulated GPU's RNG is the CPU generator: megatron's notice of the two mixing
+        # (a warning in one module, a log record in another) says nothing here.
         stack.enter_context(warnings.catch_warnings())
-        warnings.filterwarnings("ignore", message="CPU RNG state changed within GPU RNG context")
+        warnings.filterwarnings("ignore", message=_RNG_NOTICE)
+        stack.enter_context(_without_log_record(megatron_random.__name__, _RNG_NOTICE))
         stack.enter_context(CudaTensorsOnCpu())
         yield
 

@@ -26,17 +26,19 @@ EAGER = ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-
 RUN = dict(train_iters=6, save_interval=3, eval_iters=0, lr_decay_iters=6)
 
 
-def emulated(nproc: int, flags: list[str], expect: int = 0, fused: bool = False, script: Optional[Path] = None) -> str:
+def emulated(nproc: int, flags: list[str], expect: int = 0, fused: bool = False, script: Optional[Path] = None,
+             env: Optional[dict[str, str]] = None) -> str:
     """Run pretrain_gpt.py (or ``script``, which runs it) on the GPU path with ``nproc`` ranks
-    (eager unless ``fused``); its output."""
+    (eager unless ``fused``; ``env`` added to the environment); its output, stderr and
+    stdout interleaved as printed."""
     runner = [str(REPO / "tests" / "emulated_cuda.py"), *([str(script)] if script else [])]
     if nproc > 1:
         runner = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                   "--master_port", str(_free_port()), *runner]
     run = subprocess.run([sys.executable, *runner, *flags, "--use-cpu-initialization", *([] if fused else EAGER)],
-                         env=launch_env(),
-                         capture_output=True, text=True, timeout=600)
-    output = run.stdout + run.stderr
+                         env={**launch_env(), **(env or {})},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+    output = run.stdout
     assert run.returncode == expect, output[-4000:]
     assert "GPU (NCCL) path" in output or expect != 0
     return output
@@ -56,6 +58,12 @@ def validation(directory: Path) -> dict[int, float]:
 def assert_same(run: dict, reference: dict, iterations, rel: float) -> None:
     for it in iterations:
         assert run[it] == pytest.approx(reference[it], rel=rel), it
+
+
+def layer_norms(directory: Path) -> list[dict[str, float]]:
+    """The per-layer grad norms of each logged iteration of a run."""
+    return [{k: v for k, v in r.items() if k.startswith("grad_norm/layer_")} for r in read_metrics(directory)
+            if "event" not in r]
 
 
 def resume_from(source: Path, iteration: int, target: Path) -> Path:
@@ -78,8 +86,7 @@ def test_gpu_engine_equals_the_cpu_engine_with_all_methods(tmp_path, byte_datase
     gpu, cpu = history(tmp_path / "gpu"), history(tmp_path / "cpu")
     assert sorted(gpu) == list(range(1, 7))
     assert_same(gpu, cpu, range(1, 7), rel=1e-5)
-    layers = [{k: v for k, v in r.items() if k.startswith("grad_norm/layer_")} for r in read_metrics(tmp_path / "gpu")]
-    cpu_layers = [{k: v for k, v in r.items() if k.startswith("grad_norm/layer_")} for r in read_metrics(tmp_path / "cpu")]
+    layers, cpu_layers = layer_norms(tmp_path / "gpu"), layer_norms(tmp_path / "cpu")
     assert len(layers[-1]) == 2 and all(v > 0 for v in layers[-1].values())  # read from DDP's main_grad
     for gpu_record, cpu_record in zip(layers, cpu_layers):
         assert gpu_record == pytest.approx(cpu_record, rel=1e-5)
@@ -95,11 +102,16 @@ def test_half_precision_with_all_methods_saves_and_resumes_exactly(tmp_path, byt
     model (their fp32 copies in the optimizer); bf16 with the driver's CUDA defaults (the
     torch.compile'd fused kernels): a resume repeats the uninterrupted run. bf16 stays
     near the fp32 CPU run; fp16 starts above the gradients' range, skips the overflowing
-    steps while the loss scale comes down, and goes on (not a failure)."""
+    steps while the loss scale comes down, and goes on (not a failure). The fused kernels
+    are compiled in the first iteration and never again (a recompile per layer or per
+    step would soon exceed dynamo's cache and fall back to eager code)."""
     flags = METHOD_FLAGS + WESAR_OPTIONS + HALF[precision]
     whole = tmp_path / "whole"
     fused = precision == "bf16"
-    emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags, fused=fused)
+    output = emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags, fused=fused,
+                      env={"TORCH_LOGS": "recompiles"})
+    first_iteration = output.index(" iteration        1/")
+    assert "Recompiling function" not in output[first_iteration:]
     resumed = tmp_path / "resumed"
     emulated(1, tiny_flags(byte_dataset, load=resume_from(whole, 3, resumed), save=resumed, **RUN) + flags, fused=fused)
     half = history(whole)
@@ -112,6 +124,23 @@ def test_half_precision_with_all_methods_saves_and_resumes_exactly(tmp_path, byt
     fp32 = history(tmp_path / "fp32")
     for it in range(1, 7):
         assert half[it][0] == pytest.approx(fp32[it][0], rel=2e-3), it
+
+
+def test_fp16_grad_norms_are_of_the_unscaled_gradients(tmp_path, byte_dataset):
+    """fp16 with a static loss scale of 1024, WeSaR gates left out of the clip (the
+    driver's own clip over DDP's main_grad, not megatron's): the logged grad norm and
+    the per-layer grad norms are the fp32 run's within fp16 rounding, not 1024 times them."""
+    flags = METHOD_FLAGS + ["--wesar-exclude-gates-from-clip", "--clip-grad", "0.5"]
+    run = dict(RUN, save_interval=None)
+    half, fp32 = tmp_path / "fp16", tmp_path / "fp32"
+    emulated(1, tiny_flags(byte_dataset, tensorboard_dir=half, **run) + flags + ["--fp16", "--loss-scale", "1024"])
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, tensorboard_dir=fp32, **run) + flags) == 0
+    assert_same(history(half), history(fp32), range(1, 7), rel=1e-2)
+    assert all(norm > 0.5 for _, norm in history(fp32).values())  # every step clipped
+    half_layers, fp32_layers = layer_norms(half), layer_norms(fp32)
+    assert len(half_layers) == 6 and all(len(record) == 2 for record in half_layers)
+    for half_record, fp32_record in zip(half_layers, fp32_layers):
+        assert half_record == pytest.approx(fp32_record, rel=1e-2)
 
 
 def test_distributed_optimizer_with_overlap_equals_one_rank_and_resumes_on_another_dp_size(tmp_path, byte_dataset):
@@ -213,6 +242,33 @@ def test_overlapped_param_gather_with_a_tied_pipeline_equals_the_synchronous_one
     emulated(2, tiny_flags(byte_dataset, tensorboard_dir=synchronous, **run) + flags, fused=True)
     assert_same(history(overlapped), history(synchronous), range(1, 7), rel=1e-6)
     assert validation(overlapped) == pytest.approx(validation(synchronous), rel=1e-6)
+
+
+def test_tied_pipeline_with_a_sharded_distributed_optimizer_equals_one_rank(tmp_path, byte_dataset):
+    """PP=2 x DP=2 (the 13B examples' layout without their TP=4), tied embeddings, all
+    methods, the distributed optimizer with overlapped reduce/gather trains an unsplit
+    run's weights as one rank does: the same losses and grad norms.
+
+    The tied WeSaR gate's two copies are summed over the embedding group after the DP
+    reduce-scatter, which is right only if both end stages shard the gate's bucket alike:
+    ``shared_embedding`` gives it a bucket of its own (with megatron's default bucket size
+    the first stage's gate would otherwise end the one large bucket, in the last DP shard,
+    and the last stage's start its own, in the first). Its parameter group (gate LR
+    multiplier, weight decay) lives in the sharded optimizer. Both runs start from the
+    same weights with a new optimizer: a run started on PP=2 draws other weights, as in
+    megatron-core (seeded by pipeline rank)."""
+    run = dict(RUN, num_layers=4, global_batch_size=16)
+    flags = METHOD_FLAGS + WESAR_OPTIONS
+    whole = tmp_path / "whole"
+    emulated(1, tiny_flags(byte_dataset, save=whole, **dict(run, train_iters=3)) + flags)
+    resume = dict(run, save_interval=None, no_load_optim=True)
+    one_rank, sharded = resume_from(whole, 3, tmp_path / "one_rank"), resume_from(whole, 3, tmp_path / "sharded")
+    emulated(1, tiny_flags(byte_dataset, load=one_rank, tensorboard_dir=one_rank, **resume) + flags)
+    dopt = dict(use_distributed_optimizer=True, overlap_grad_reduce=True, overlap_param_gather=True)
+    emulated(4, tiny_flags(byte_dataset, load=sharded, tensorboard_dir=sharded, pipeline_model_parallel_size=2,
+                           **dopt, **resume) + flags)
+    assert sorted(history(sharded)) == [4, 5, 6]
+    assert_same(history(sharded), history(one_rank), range(4, 7), rel=1e-5)
 
 
 # layout -> (tied embeddings, how PP=2 splits the 4 layers)
