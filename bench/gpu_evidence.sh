@@ -67,7 +67,8 @@ CHECK_FLAGS=(--lr-warmup-iters 5 --eval-interval 10 --eval-iters 2 --log-interva
 stage_check() {  # 20 iterations saved at 10, then the same run resumed from iteration 10
     TORCH_LOGS=recompiles RUN_TIMEOUT=$CHECK_TIMEOUT train check 20 "${CHECK_FLAGS[@]}" --save "$WORK/runs/check" \
         --save-interval 10 2>&1 | tee "$WORK/check-first.log"
-    [ "${PIPESTATUS[0]}" -eq 0 ] || return 1
+    local rc=${PIPESTATUS[0]}
+    [ "$rc" -eq 0 ] || return "$rc"  # 124: the time limit
     # The fused kernels compile in the first iteration (and the evaluation before it); none after.
     echo "torch.compile recompilations after iteration 1:" \
         "$(sed -n '/ iteration  *1\//,$p' "$WORK/check-first.log" | grep -c 'Recompiling function')"
