@@ -4,9 +4,12 @@
 # root with the megatron-core cp312 wheel in .whl/ and tools/prepare_gpu_data.py's output in
 # data/gpu/ (both carried). Sized for 15 minutes of device time in two calls:
 #
-#   bash bench/gpu_evidence.sh check speed memory     # device call 1 (at most 9.5 minutes)
+#   bash bench/gpu_evidence.sh check+memory speed     # device call 1 (at most about 7 minutes)
 #   bash bench/gpu_evidence.sh convergence            # device call 2, while warm (about 5.5 minutes)
 #
+# Stages named together with '+' run side by side (check and memory: the memory stage
+# measures each process's own peak allocation, which the other process does not change,
+# and its time is not a result); stages named apart run one after the other (speed alone).
 # Stages: check (a 20-iteration pretrain_gpt.py run of the convergence model with all three
 # methods, saved at 10 and resumed from there: the GPU path works, resumes exactly, and its
 # tokens/s), speed (bench/step_time.py), memory (bench/memory_13b.py), convergence (7
@@ -15,8 +18,11 @@
 # seconds) so that one call never reaches the device's 600 s limit and the results so far
 # always come back; step_time.py writes its JSON after every variant. A failing stage does not
 # stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
-# the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl.
-# CONV_ITERS (default 300) sets the convergence length (the same for every run).
+# the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl (not the
+# checkpoints). The output ends in a digest of the results (summary, speed table, memory fit,
+# the check's throughput) for a reader who sees only its last lines.
+# CONV_ITERS (default 300) sets the convergence length (the same for every run); ProRes'
+# --prores-warmup is CONV_ITERS / 15 (20 at 300), so that all 12 layers are on at 80% of it.
 # DRIVER_FLAGS (default none) go to every pretrain_gpt.py run and every step_time.py variant,
 # e.g. DRIVER_FLAGS="--no-bias-dropout-fusion --no-bias-gelu-fusion" if torch.compile fails there.
 set -u -o pipefail
@@ -24,10 +30,11 @@ set -u -o pipefail
 OUT=${OUT:-runs/gpu_evidence}
 WORK=${WORK:-/tmp/gpu_evidence}
 CONV_ITERS=${CONV_ITERS:-300}
+PRORES_WARMUP=$((CONV_ITERS / 15))
 CONV_TIMEOUT=${CONV_TIMEOUT:-300}
-CHECK_TIMEOUT=${CHECK_TIMEOUT:-100}
-SPEED_TIMEOUT=${SPEED_TIMEOUT:-270}
-MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-140}
+CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
+SPEED_TIMEOUT=${SPEED_TIMEOUT:-240}
+MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-150}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
@@ -46,12 +53,12 @@ DATA=(--data-path "$(manifest data_path)" --split "$(manifest split)" --tokenize
 # name -> extra flags of one convergence run
 declare -A RUNS=(
     [baseline]=""
-    [prores]="--prores --prores-warmup 20"
+    [prores]="--prores --prores-warmup $PRORES_WARMUP"
     [wesar]="--wesar"
     [normformer]="--normformer"
-    [all]="--prores --prores-warmup 20 --wesar --normformer"
+    [all]="--prores --prores-warmup $PRORES_WARMUP --wesar --normformer"
     [baseline-lr10x]="--lr 6e-3 --min-lr 6e-4"
-    [all-lr10x]="--lr 6e-3 --min-lr 6e-4 --prores --prores-warmup 20 --wesar --normformer"
+    [all-lr10x]="--lr 6e-3 --min-lr 6e-4 --prores --prores-warmup $PRORES_WARMUP --wesar --normformer"
 )
 ORDER=(baseline prores wesar normformer all baseline-lr10x all-lr10x)
 
@@ -92,7 +99,9 @@ stage_speed() {  # the largest shape first: its MFU is a target, and a time limi
         --extra-flags="$DRIVER_FLAGS" --output "$OUT/step_time.json"
 }
 
-stage_memory() { timeout "$MEMORY_TIMEOUT" python3 bench/memory_13b.py --output "$OUT/memory_13b.json"; }
+stage_memory() {  # MEMORY_FILL (default 0.9) leaves room for a stage beside it (check: a few GiB)
+    timeout "$MEMORY_TIMEOUT" python3 bench/memory_13b.py --fill "${MEMORY_FILL:-0.9}" --output "$OUT/memory_13b.json"
+}
 
 stage_convergence() {
     local pids=() name rc=0
@@ -112,15 +121,37 @@ stage_convergence() {
     return "$rc"
 }
 
-status=0
-for stage in "$@"; do
-    echo "=== stage $stage ($(date -u +%H:%M:%S))"
-    start=$SECONDS
-    "stage_$stage" 2>&1 | tee "$WORK/$stage.log"
+run_stage() {  # run_stage NAME: one stage under its log, its exit status and seconds in summary.txt
+    local start=$SECONDS rc
+    "stage_$1" >"$WORK/$1.log" 2>&1
     rc=$?
-    echo "=== stage $stage: exit $rc after $((SECONDS - start)) s" | tee -a "$WORK/summary.txt"
-    [ $rc -eq 0 ] || status=1
+    echo "=== stage $1: exit $rc after $((SECONDS - start)) s" | tee -a "$WORK/summary.txt"
+    return "$rc"
+}
+
+digest() {  # the results in a few lines, for the end of the output
+    echo "=== digest"
+    cat "$WORK/summary.txt"
+    grep -h "resume check\|recompilations after" "$WORK/check.log" 2>/dev/null
+    grep -h " iteration  *20/" "$WORK/check-first.log" 2>/dev/null
+    [ -f "$OUT/step_time.json" ] && python3 -W ignore -c "import json, sys; sys.path.insert(0, 'bench'); import step_time
+r = json.load(open('$OUT/step_time.json')); print(step_time.markdown(r['results'], r['matmul_ceiling_tflops']))"
+    [ -f "$OUT/memory_13b.json" ] && python3 -c "import json; r = json.load(open('$OUT/memory_13b.json'))
+for name, v in r['variants'].items(): print(name, {k: x for k, x in v.items() if k != 'points'})
+print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
+    [ -f "$OUT/convergence.md" ] && cat "$OUT/convergence.md"
+}
+
+status=0
+for group in "$@"; do  # a group: stages joined by '+', run side by side
+    echo "=== stages $group ($(date -u +%H:%M:%S))"
+    IFS=+ read -r -a stages <<<"$group"
+    pids=()
+    for stage in "${stages[@]}"; do run_stage "$stage" & pids+=($!); done
+    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    for stage in "${stages[@]}"; do tail -n 25 "$WORK/$stage.log"; done
 done
 cp "$WORK/summary.txt" "$WORK/device.txt" "$OUT/" 2>/dev/null
-tar -czf "$OUT/evidence.tar.gz" -C "$WORK" --exclude cache --exclude 'events.out.*' .
+tar -czf "$OUT/evidence.tar.gz" -C "$WORK" --exclude cache --exclude 'events.out.*' --exclude 'iter_*' .
+digest
 exit $status
