@@ -12,9 +12,10 @@
 # and its time is not a result); stages named apart run one after the other (speed alone).
 # Stages: check (a 20-iteration pretrain_gpt.py run of the convergence model with all three
 # methods, saved at 10 and resumed from there: the GPU path works, resumes exactly, and its
-# tokens/s), speed (bench/step_time.py), memory (bench/memory_13b.py), convergence (7
+# tokens/s), speed (bench/step_time.py), profile (bench/profile_step.py: where the 1.3B
+# overheads go), memory (bench/memory_13b.py), convergence (7
 # pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each stage runs
-# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT
+# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT
 # seconds) so that one call never reaches the device's 600 s limit and the results so far
 # always come back; step_time.py writes its JSON after every variant. A failing stage does not
 # stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
@@ -35,6 +36,7 @@ CONV_TIMEOUT=${CONV_TIMEOUT:-300}
 CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-240}
 MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-150}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-120}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
@@ -99,6 +101,11 @@ stage_speed() {  # the largest shape first: its MFU is a target, and a time limi
         --extra-flags="$DRIVER_FLAGS" --output "$OUT/step_time.json"
 }
 
+stage_profile() {  # phases, kernels, host ops and synchronisations of the 1.3B variants, set against the baseline
+    timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py --shapes 1.3b --variants baseline wesar normformer all \
+        --primitives --output "$OUT/profile.json"
+}
+
 stage_memory() {  # MEMORY_FILL (default 0.9) leaves room for a stage beside it (check: a few GiB)
     timeout "$MEMORY_TIMEOUT" python3 bench/memory_13b.py --fill "${MEMORY_FILL:-0.9}" --output "$OUT/memory_13b.json"
 }
@@ -139,6 +146,11 @@ r = json.load(open('$OUT/step_time.json')); print(step_time.markdown(r['results'
     [ -f "$OUT/memory_13b.json" ] && python3 -c "import json; r = json.load(open('$OUT/memory_13b.json'))
 for name, v in r['variants'].items(): print(name, {k: x for k, x in v.items() if k != 'points'})
 print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
+    [ -f "$OUT/profile.json" ] && python3 -c "import json; r = json.load(open('$OUT/profile.json'))
+for shape, results in r['shapes'].items():
+    for name, v in results.items():
+        if name != 'primitives': print(shape, name, {k: round(v[k], 1) for k in ('iteration_ms', 'forward_backward_ms', 'optimizer_ms')},
+                                       'synchronisations', sum(n for s, n in v.get('synchronizing_calls', {}).items() if s != 'error'))"
     [ -f "$OUT/convergence.md" ] && cat "$OUT/convergence.md"
 }
 

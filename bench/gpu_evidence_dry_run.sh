@@ -6,7 +6,7 @@
 # comparison, time limits that keep partial results, the plot and table, the archive),
 # not the GPU: no timings, memory figures or losses from it mean anything.
 #
-#   bash bench/gpu_evidence_dry_run.sh check speed memory    # about 4.5 minutes on 2 cores
+#   bash bench/gpu_evidence_dry_run.sh check+memory speed profile   # about 4.5 minutes on 2 cores
 #   CONV_ITERS=60 bash bench/gpu_evidence_dry_run.sh convergence
 #
 # Needs .venv (tools/bootstrap.sh; VENV names another, e.g. one with the device's torch,
@@ -30,6 +30,7 @@ if [ "\$1" = -m ] && [ "\$2" = pip ]; then echo "[dry run] skipped: pip \${*:3}"
 case "\$1" in
     *step_time.py) exec "\$PY" "\$EMULATE" "\$@" --ceiling-size 256 ;;  # an 8192^3 matmul takes minutes on a CPU
     *memory_13b.py) exec "\$PY" "\$EMULATE" "\$@" --tiny ;;
+    *profile_step.py) exec "\$PY" "\$EMULATE" "\$@" --tiny --warmup 1 --iters 3 --profile-iters 1 ;;
     *plot_runs.py) exec "\$PY" "\$@" ;;
     *.py) exec "\$PY" "\$EMULATE" "\$@" ;;
 esac

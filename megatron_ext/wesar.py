@@ -193,7 +193,11 @@ class WeSaRGates(torch.nn.Module):
 
     Each gate is a 0-d parameter named after its matrix kind, created fp32. ``column_gate``
     maps every local output feature (a column of the output, a row of the weight) to the
-    index of its gate (``None``: one gate for all). ``reduce_grad`` all-reduces the
+    index of its gate (``None``: one gate for all); it is kept as the one-hot matrix
+    ``column_onehot`` [features, gates], and the per-feature scale is ``column_onehot @ gates``:
+    its backward is one small matrix-vector product, where indexing's backward (an
+    accumulating scatter of every feature onto a few gates) took 0.2 ms per fused QKV
+    linear on an H200 (docs/RESULTS.md). ``reduce_grad`` all-reduces the
     gates' gradient over ``tp_group`` (see module doc). Under bf16/fp16 the gates are cast
     with the model, like megatron's norm gains: the mixed-precision optimizer keeps their
     fp32 master values and fp32 state (METHODS.md's "gates in fp32"), and megatron-core's
@@ -211,7 +215,8 @@ class WeSaRGates(torch.nn.Module):
         super().__init__()
         for name, gate in gates.items():
             self.register_parameter(name, gate)
-        self.register_buffer("column_gate", column_gate, persistent=False)
+        onehot = None if column_gate is None else torch.nn.functional.one_hot(column_gate, len(gates)).float()
+        self.register_buffer("column_onehot", onehot, persistent=False)
         self.reduce_grad = reduce_grad
         self.tp_group = tp_group
         # A tied output layer's gates: "shared" (the embedding's own parameter) or "copy"
@@ -234,10 +239,11 @@ class WeSaRGates(torch.nn.Module):
         parameter all-gather in its forward pre-hook (``--overlap-param-gather``), and the
         gates are this module's parameters, not their linear's.
         """
-        gates = torch.stack(list(self._parameters.values()))
+        params = list(self._parameters.values())
+        gates = params[0].view(1) if len(params) == 1 else torch.stack(params)  # a view: no copy kernel
         if self.reduce_grad:
             gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)
-        return gates if self.column_gate is None else gates[self.column_gate]
+        return gates if self.column_onehot is None else torch.mv(self.column_onehot.to(gates.dtype), gates)
 
     def scale_output(self, output: torch.Tensor) -> torch.Tensor:
         """``a * output``, the gates indexed by the last dim of ``output``."""

@@ -79,9 +79,11 @@ WESAR_OPTIONS = ["--wesar-gate-lr-mult", "2", "--wesar-gate-weight-decay", "0.05
 
 def test_gpu_engine_equals_the_cpu_engine_with_all_methods(tmp_path, byte_dataset):
     """megatron-core's DDP, Float32 optimizer (WeSaR's own gate group) and schedule against
-    the CPU engine's torch AdamW: the same losses and grad norms."""
+    the CPU engine's torch AdamW: the same losses and grad norms (megatron-core's grad norm
+    and clip through the foreach stand-ins for its multi-tensor fallbacks)."""
     flags = METHOD_FLAGS + WESAR_OPTIONS
-    emulated(1, tiny_flags(byte_dataset, save=tmp_path / "gpu", **RUN) + flags)
+    output = emulated(1, tiny_flags(byte_dataset, save=tmp_path / "gpu", **RUN) + flags)
+    assert "clip_grads.l2_norm_impl, megatron.core.optimizer.clip_grads.multi_tensor_scale_impl" in output
     assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "cpu", **RUN) + flags) == 0
     gpu, cpu = history(tmp_path / "gpu"), history(tmp_path / "cpu")
     assert sorted(gpu) == list(range(1, 7))

@@ -61,7 +61,7 @@ def gated_blocks(model):
         if not isinstance(gates, WeSaRGates) or module.weight is None:
             continue
         for index, (kind, gate) in enumerate(gates.named_parameters()):
-            rows = slice(None) if gates.column_gate is None else gates.column_gate == index
+            rows = slice(None) if gates.column_onehot is None else gates.column_onehot[:, index] == 1
             yield kind, gate, module.weight[rows]
 
 

@@ -5,7 +5,9 @@ Model chunks in ``Float16Module`` (bf16/fp16) and megatron-core's
 WeSaR's parameter-group overrides); ``OptimizerParamScheduler``;
 ``get_forward_backward_func`` (no pipelining, 1F1B or interleaved); and
 ``finalize_model_grads`` for the DP / sequence-parallel / embedding reductions. A step
-whose loss or grad norm is not finite is skipped.
+whose loss or grad norm is not finite is skipped. Without APEX and Transformer Engine,
+megatron-core's per-tensor multi-tensor fallbacks are replaced by sync-free foreach ones
+(:mod:`megatron_ext.training.foreach_fallbacks`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from megatron.core.utils import get_attr_wrapped_model, unwrap_model
 
 from megatron_ext import wesar
 from megatron_ext.extensions import ExtensionConfig
+from megatron_ext.training import foreach_fallbacks
 from megatron_ext.training.configs import ddp_config, optimizer_config
 from megatron_ext.training.forward import forward_step
 from megatron_ext.training.metrics import per_layer_grad_norms
@@ -61,6 +64,7 @@ class GpuEngine:
                  extensions: ExtensionConfig) -> None:
         self.args = args
         self.extensions = extensions
+        foreach_fallbacks.install()
         self.model_chunks = wrap_model_chunks(args, model_chunks)
         overrides = None
         if extensions.wesar is not None:

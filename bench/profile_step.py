@@ -1,0 +1,301 @@
+#!/usr/bin/env python
+"""Where a method's step-time overhead goes: phases, kernels, host ops and synchronisations.
+
+    python bench/profile_step.py --shape 1.3b --variants baseline wesar normformer --output profile.json
+    python bench/profile_step.py --device cpu --tiny --output /tmp/profile.json   # CPU smoke test
+
+For each variant (a name of :data:`harness.METHOD_FLAGS`, optionally with ``+dopt`` for
+``--use-distributed-optimizer`` or ``+eager`` for no fused bias-dropout-add / bias-GeLU) the
+driver's engine is built as in ``bench/step_time.py`` and, after ``--warmup`` iterations:
+
+* phases: ``--iters`` iterations timed whole and in their forward-backward part (the
+  engine's schedule call, synchronised on both sides); the rest is the optimizer step
+  (gradient norm, clip, update, parameter copies);
+* profile: ``--profile-iters`` iterations under ``torch.profiler``: the GPU's busy time
+  (the union of its kernel and copy intervals) against the wall time, kernels launched,
+  and per host op and per kernel their count and time per iteration;
+* synchronisations: one iteration under ``torch.cuda.set_sync_debug_mode("warn")``, each
+  synchronising call counted at the innermost line of our code or megatron-core's.
+
+Each variant's host ops and kernels are then set against the first variant's (the
+baseline), largest difference first. ``--primitives`` adds timings of the elementwise
+primitives the methods use, at the shape's own sizes, each against alternatives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import logging
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import harness  # noqa: E402
+import step_time  # noqa: E402
+
+from megatron_ext.training.distributed import shutdown  # noqa: E402
+from megatron_ext.training.setup import padded_vocab_size  # noqa: E402
+
+logger = logging.getLogger("bench.profile_step")
+SUFFIX_FLAGS = {
+    "dopt": ("--use-distributed-optimizer",),
+    "eager": ("--no-bias-dropout-fusion", "--no-bias-gelu-fusion"),
+}
+TOP = 25
+
+
+def variant_flags(spec: str) -> list[str]:
+    """Flags of ``name[+suffix...]``; a clear error for an unknown part."""
+    name, *suffixes = spec.split("+")
+    if name not in harness.METHOD_FLAGS or any(s not in SUFFIX_FLAGS for s in suffixes):
+        raise SystemExit(f"--variants: {spec!r} is not NAME[+SUFFIX...] with NAME of "
+                         f"{', '.join(harness.METHOD_FLAGS)} and SUFFIX of {', '.join(SUFFIX_FLAGS)}")
+    return list(harness.METHOD_FLAGS[name]) + [f for s in suffixes for f in SUFFIX_FLAGS[s]]
+
+
+def time_phases(engine, batches, device: torch.device, iters: int) -> dict:
+    """Median ms of whole iterations and of their forward-backward (the GPU engine's ``_run``;
+    the CPU engine reports whole iterations only)."""
+    run, spans = getattr(engine, "_run", None), []
+
+    def timed_run(data_iterator, forward_only):
+        harness.synchronize(device)
+        start = time.perf_counter()
+        result = run(data_iterator, forward_only)
+        harness.synchronize(device)
+        spans.append(time.perf_counter() - start)
+        return result
+
+    if run is not None:
+        engine._run = timed_run
+    whole = []
+    try:
+        for _ in range(iters):
+            harness.synchronize(device)
+            start = time.perf_counter()
+            harness.train_iteration(engine, batches)
+            harness.synchronize(device)
+            whole.append(time.perf_counter() - start)
+    finally:
+        if run is not None:
+            del engine._run
+    iteration = 1e3 * statistics.median(whole)
+    forward_backward = 1e3 * statistics.median(spans) if spans else float("nan")
+    return {"iteration_ms": iteration, "forward_backward_ms": forward_backward,
+            "optimizer_ms": iteration - forward_backward}
+
+
+def _busy_us(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of ``intervals``."""
+    busy, end = 0.0, float("-inf")
+    for start, stop in sorted(intervals):
+        if stop > end:
+            busy += stop - max(start, end)
+            end = stop
+    return busy
+
+
+def profile_iterations(engine, batches, device: torch.device, iters: int) -> dict:
+    """Wall and GPU-busy ms per iteration; per host op and per kernel: count and ms per iteration."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        harness.synchronize(device)
+        start = time.perf_counter()
+        for _ in range(iters):
+            harness.train_iteration(engine, batches)
+        harness.synchronize(device)
+        wall = time.perf_counter() - start
+    host = collections.defaultdict(lambda: [0, 0.0])
+    kernels = collections.defaultdict(lambda: [0, 0.0])
+    intervals = []
+    for event in prof.events():
+        if getattr(event, "is_user_annotation", False):
+            continue  # a named range (e.g. the optimizer step's on the GPU), not a kernel
+        if event.device_type == DeviceType.CUDA:
+            interval = (event.time_range.start, event.time_range.end)
+            intervals.append(interval)
+            kernels[event.name][0] += 1
+            kernels[event.name][1] += interval[1] - interval[0]
+        else:
+            host[event.name][0] += 1
+            host[event.name][1] += event.self_cpu_time_total
+
+    def per_iteration(table: dict) -> dict:
+        return {name: {"count": count / iters, "ms": us / 1e3 / iters} for name, (count, us) in table.items()}
+
+    return {
+        "wall_ms": 1e3 * wall / iters, "gpu_busy_ms": _busy_us(intervals) / 1e3 / iters,
+        "kernels_per_iteration": len(intervals) / iters,
+        "host_ops": per_iteration(host), "kernels": per_iteration(kernels),
+    }
+
+
+def synchronizing_calls(engine, batches) -> dict[str, int]:
+    """Synchronising CUDA calls of one iteration, counted at our or megatron-core's innermost line."""
+    sites: collections.Counter = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        if "called a synchronizing" not in str(message):
+            return  # another warning (or the mode's own notice)
+        frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename
+                  and "warnings" not in f.filename]
+        ours = [f for f in frames if "megatron" in f.filename or "bench" in f.filename] or frames
+        site = ours[-1]
+        sites[f"{Path(site.filename).name}:{site.lineno} {site.name}: {str(message)[:60]}"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            harness.train_iteration(engine, batches)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return dict(sites.most_common())
+
+
+def difference(table: dict, base: dict, n: int = TOP) -> dict:
+    """Per name: count and ms per iteration minus the baseline's, the largest |ms| first."""
+    names = set(table) | set(base)
+    zero = {"count": 0.0, "ms": 0.0}
+    delta = {name: {key: table.get(name, zero)[key] - base.get(name, zero)[key] for key in zero} for name in names}
+    return dict(sorted(delta.items(), key=lambda kv: -abs(kv[1]["ms"]))[:n])
+
+
+def measure_variant(shape: harness.Shape, spec: str, data: Path, args: argparse.Namespace) -> dict:
+    flags = shape.flags() + ["--train-iters", str(args.warmup + args.iters + args.profile_iters + 1)]
+    driver = harness.driver_args(flags + variant_flags(spec), data, args.device)
+    engine, batches = harness.build_run(driver, padded_vocab_size(harness.GPT2_VOCAB_SIZE,
+                                                                  driver.make_vocab_size_divisible_by))
+    device = harness.device_of(driver)
+    for _ in range(args.warmup):
+        harness.train_iteration(engine, batches)
+    result = {"flags": variant_flags(spec), **time_phases(engine, batches, device, args.iters)}
+    result["profile"] = profile_iterations(engine, batches, device, args.profile_iters)
+    if device.type == "cuda":
+        try:
+            result["synchronizing_calls"] = synchronizing_calls(engine, batches)
+        except (RuntimeError, AssertionError) as error:  # no sync debug mode (emulated CUDA)
+            result["synchronizing_calls"] = {"error": repr(error)}
+    del engine, batches
+    harness.free_memory()
+    return result
+
+
+def _gpu_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> dict:
+    """GPU ms per call (events; wall on the CPU) and host ms per call of ``fn``."""
+    for _ in range(3):
+        fn()
+    harness.synchronize(device)
+    start = time.perf_counter()
+    if device.type == "cuda":
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+    for _ in range(reps):
+        fn()
+    host = (time.perf_counter() - start) / reps
+    if device.type == "cuda":
+        end.record()
+        end.synchronize()
+        return {"gpu_ms": begin.elapsed_time(end) / reps, "host_ms": 1e3 * host}
+    return {"gpu_ms": 1e3 * host, "host_ms": 1e3 * host}
+
+
+def primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
+    """The methods' elementwise primitives at ``shape``'s sizes, each beside alternatives."""
+    h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
+    out: dict[str, dict] = {}
+    grad, weight = (torch.randn(f, h, device=device, dtype=dtype) for _ in range(2))
+    out[f"gate grad {f}x{h}: torch.dot (ours)"] = _gpu_ms(lambda: torch.dot(grad.view(-1), weight.view(-1)), device)
+    out[f"gate grad {f}x{h}: (g*w).sum(dtype=fp32)"] = _gpu_ms(lambda: (grad * weight).sum(dtype=torch.float32), device)
+    out[f"gate grad {f}x{h}: g.view(1,-1) @ w.view(-1,1)"] = _gpu_ms(
+        lambda: grad.view(1, -1) @ weight.view(-1, 1), device)
+    rows_g, rows_w = grad[: 3 * h], weight[: 3 * h]
+    out[f"row gate grad {3 * h}x{h}: einsum ij,ij->i (ours)"] = _gpu_ms(
+        lambda: torch.einsum("ij,ij->i", rows_g, rows_w), device)
+    out[f"row gate grad {3 * h}x{h}: (g*w).sum(1, dtype=fp32)"] = _gpu_ms(
+        lambda: (rows_g * rows_w).sum(1, dtype=torch.float32), device)
+    square_g, square_w = grad[:h].t(), weight[:h].t()
+    out[f"column scale grad {h}x{h} (transposed): einsum (ours)"] = _gpu_ms(
+        lambda: torch.einsum("ij,ij->i", square_g, square_w), device)
+    out[f"column scale grad {h}x{h} (transposed): (g*w).sum(1, dtype=fp32)"] = _gpu_ms(
+        lambda: (square_g * square_w).sum(1, dtype=torch.float32), device)
+    scale = torch.rand(f, device=device, dtype=dtype)
+    out[f"scale weight {f}x{h}: w * s[:, None]"] = _gpu_ms(lambda: weight * scale.view(-1, 1), device)
+    gates = [torch.nn.Parameter(torch.ones((), device=device)) for _ in range(3)]
+    index = torch.arange(3 * h, device=device) // h
+
+    def qkv_gates() -> None:
+        torch.stack(gates)[index].to(dtype).sum().backward()
+
+    out[f"qkv gate vector: stack, index [{3 * h}], cast, backward"] = _gpu_ms(qkv_gates, device)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="the 2-layer toy shape (CPU smoke test)")
+    parser.add_argument("--shapes", nargs="+", default=["1.3b"], help="of step_time.py's shapes")
+    parser.add_argument("--variants", nargs="+", default=["baseline", "wesar", "normformer"],
+                        help="NAME[+SUFFIX...]; the first is the one the others are set against")
+    parser.add_argument("--warmup", type=int, default=6)
+    parser.add_argument("--iters", type=int, default=10, help="iterations timed in phases")
+    parser.add_argument("--profile-iters", type=int, default=3)
+    parser.add_argument("--primitives", action="store_true", help="also time the methods' primitives")
+    parser.add_argument("--output", type=Path, required=True, help="JSON file of the results")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    harness.start_logging()
+    for spec in args.variants:
+        variant_flags(spec)
+    table = step_time.TINY_SHAPES if args.tiny else step_time.SHAPES
+    shapes = [table["tiny"]] if args.tiny else [table[n] for n in args.shapes]
+    report: dict = {"torch": torch.__version__, "shapes": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        data = harness.write_synthetic_dataset(Path(tmp) / "tokens", harness.GPT2_VOCAB_SIZE, 64,
+                                               2 * max(s.seq_length for s in shapes))
+        world = harness.driver_args(shapes[0].flags() + ["--train-iters", "1"], data, args.device)
+        created = harness.init_world(world)
+        try:
+            device = harness.device_of(world)
+            report["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+            for shape in shapes:
+                results: dict = {}
+                report["shapes"][shape.name] = results
+                if args.primitives:
+                    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+                    results["primitives"] = primitives(shape, device, dtype)
+                    harness.write_report(args.output, report)
+                for spec in args.variants:
+                    r = measure_variant(shape, spec, data, args)
+                    base = results.get(args.variants[0])
+                    if base is not None and spec != args.variants[0]:
+                        r["vs_first"] = {kind: difference(r["profile"][kind], base["profile"][kind])
+                                         for kind in ("host_ops", "kernels")}
+                    results[spec] = r
+                    logger.info("%s %s: %.1f ms (forward-backward %.1f, optimizer %.1f), GPU busy %.1f of %.1f ms",
+                                shape.name, spec, r["iteration_ms"], r["forward_backward_ms"], r["optimizer_ms"],
+                                r["profile"]["gpu_busy_ms"], r["profile"]["wall_ms"])
+                    harness.write_report(args.output, report)
+        finally:
+            shutdown(created)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
