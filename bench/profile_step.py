@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Where a method's step-time overhead goes: phases, kernels, host ops and synchronisations.
 
-    python bench/profile_step.py --shape 1.3b --variants baseline wesar normformer --output profile.json
+    python bench/profile_step.py --shapes 1.3b --variants baseline wesar normformer --output profile.json
     python bench/profile_step.py --device cpu --tiny --output /tmp/profile.json   # CPU smoke test
 
 For each variant (a name of :data:`harness.METHOD_FLAGS`, optionally with ``+dopt`` for
@@ -175,13 +175,14 @@ def difference(table: dict, base: dict, n: int = TOP) -> dict:
 
 def measure_variant(shape: harness.Shape, spec: str, data: Path, args: argparse.Namespace) -> dict:
     flags = shape.flags() + ["--train-iters", str(args.warmup + args.iters + args.profile_iters + 1)]
-    driver = harness.driver_args(flags + variant_flags(spec), data, args.device)
+    method_flags = variant_flags(spec)
+    driver = harness.driver_args(flags + method_flags, data, args.device)
     engine, batches = harness.build_run(driver, padded_vocab_size(harness.GPT2_VOCAB_SIZE,
                                                                   driver.make_vocab_size_divisible_by))
     device = harness.device_of(driver)
     for _ in range(args.warmup):
         harness.train_iteration(engine, batches)
-    result = {"flags": variant_flags(spec), **time_phases(engine, batches, device, args.iters)}
+    result = {"flags": method_flags, **time_phases(engine, batches, device, args.iters)}
     result["profile"] = profile_iterations(engine, batches, device, args.profile_iters)
     if device.type == "cuda":
         try:
@@ -263,8 +264,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     harness.start_logging()
     for spec in args.variants:
         variant_flags(spec)
-    table = step_time.TINY_SHAPES if args.tiny else step_time.SHAPES
-    shapes = [table["tiny"]] if args.tiny else [table[n] for n in args.shapes]
+    if args.warmup < 0 or args.iters < 1 or args.profile_iters < 1:
+        raise SystemExit("--warmup must be >= 0, --iters and --profile-iters >= 1")
+    shapes = step_time.select_shapes(None if args.tiny else args.shapes, args.tiny)
     report: dict = {"torch": torch.__version__, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = harness.write_synthetic_dataset(Path(tmp) / "tokens", harness.GPT2_VOCAB_SIZE, 64,

@@ -46,6 +46,17 @@ SHAPES = {
 TINY_SHAPES = {"tiny": harness.Shape("tiny", 2, 64, 4, 64, micro_batch_size=2)}
 
 
+def select_shapes(names: Optional[Sequence[str]], tiny: bool) -> list[harness.Shape]:
+    """The shapes named by ``--shapes`` (all by default) of :data:`SHAPES`, or of
+    :data:`TINY_SHAPES` with ``--tiny``; a clear error for an unknown name."""
+    table = TINY_SHAPES if tiny else SHAPES
+    names = list(names or table)
+    unknown = [n for n in names if n not in table]
+    if unknown:
+        raise SystemExit(f"--shapes: unknown {unknown}; expected {', '.join(table)}")
+    return [table[n] for n in names]
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -125,12 +136,7 @@ def add_overheads(variants: dict[str, dict]) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     harness.start_logging()
-    table = TINY_SHAPES if args.tiny else SHAPES
-    names = args.shapes or list(table)
-    unknown = [n for n in names if n not in table]
-    if unknown:
-        raise SystemExit(f"--shapes: unknown {unknown}; expected {', '.join(table)}")
-    shapes = [table[n] for n in names]
+    shapes = select_shapes(args.shapes, args.tiny)
     if args.micro_batch_size is not None:
         shapes = [harness.Shape(**{**vars(s), "micro_batch_size": args.micro_batch_size}) for s in shapes]
     if args.warmup < 1 or args.iters < 3:

@@ -32,6 +32,16 @@ def test_variant_specs(bench):
             bench.variant_flags(bad)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--shapes", "7b"], "--shapes: unknown ['7b']"),
+    (["--iters", "0"], "--iters and --profile-iters >= 1"),
+])
+def test_bad_arguments_are_clear_errors(bench, tmp_path, argv, message):
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        bench.main(argv + ["--device", "cpu", "--output", str(tmp_path / "p.json")])
+    assert not (tmp_path / "p.json").exists()
+
+
 def test_busy_time_is_the_union_of_kernel_intervals(bench):
     assert bench._busy_us([(20, 25), (0, 10), (5, 15), (6, 7)]) == 20
     assert bench._busy_us([]) == 0
