@@ -28,7 +28,7 @@ from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 
 from megatron_ext import prores
-from megatron_ext.training import optimizer_checkpoint
+from megatron_ext.training import optimizer_checkpoint, torch_adam
 from megatron_ext.training.arguments import serializable_args
 from megatron_ext.training.optimization import Engine
 
@@ -387,6 +387,7 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         with torch.no_grad():
             engine.optimizer.load_state_dict(loaded["optimizer"])
         optimizer_checkpoint.restore_torch_adam_steps(engine.optimizer)
+        torch_adam.fuse(engine.optimizer)  # torch's load_state_dict restored the saved kernel choice
     else:
         # bf16/fp16: the optimizer's fp32 main parameters still hold the initial weights
         # and its next step would copy them back over the loaded ones (Megatron-LM does this too).

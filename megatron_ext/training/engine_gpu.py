@@ -7,13 +7,15 @@ WeSaR's parameter-group overrides); ``OptimizerParamScheduler``;
 ``finalize_model_grads`` for the DP / sequence-parallel / embedding reductions. A step
 whose loss or grad norm is not finite is skipped. Without APEX and Transformer Engine,
 megatron-core's per-tensor multi-tensor fallbacks are replaced by sync-free foreach ones
-(:mod:`megatron_ext.training.foreach_fallbacks`).
+(:mod:`megatron_ext.training.foreach_fallbacks`) and its torch AdamW runs torch's fused
+kernel (:mod:`megatron_ext.training.torch_adam`).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import logging
 import math
 from typing import Iterator
 
@@ -25,15 +27,17 @@ from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
-from megatron.core.utils import get_attr_wrapped_model, unwrap_model
+from megatron.core.utils import get_attr_wrapped_model, log_single_rank, unwrap_model
 
 from megatron_ext import wesar
 from megatron_ext.extensions import ExtensionConfig
-from megatron_ext.training import foreach_fallbacks
+from megatron_ext.training import foreach_fallbacks, torch_adam
 from megatron_ext.training.configs import ddp_config, optimizer_config
 from megatron_ext.training.forward import forward_step
 from megatron_ext.training.metrics import per_layer_grad_norms
 from megatron_ext.training.optimization import StepResult, build_scheduler, clip_grads_by_total_norm, update_lr
+
+logger = logging.getLogger(__name__)
 
 
 def wrap_model_chunks(args: argparse.Namespace, model_chunks: list[torch.nn.Module]) -> list[torch.nn.Module]:
@@ -76,6 +80,9 @@ class GpuEngine:
         if self.clip_outside_optimizer:
             opt_config.clip_grad = 0.0
         self.optimizer = get_megatron_optimizer(opt_config, self.model_chunks, config_overrides=overrides)
+        if torch_adam.fuse(self.optimizer):
+            log_single_rank(logger, logging.INFO, "megatron-core fell back to torch's AdamW (no APEX or Transformer "
+                            "Engine): it runs torch's fused kernel")
         self.scheduler = build_scheduler(args, self.optimizer)
         self.forward_backward = get_forward_backward_func()
         config = self.model_chunks[0].config

@@ -14,6 +14,8 @@ from typing import Any, Optional
 
 import torch
 
+from megatron_ext.training.torch_adam import inner_optimizers, is_torch_adam, step_tensor
+
 
 def sharding(args: argparse.Namespace) -> Optional[str]:
     """The distributed optimizer's checkpoint format, None without it.
@@ -70,7 +72,7 @@ def bucket_order(optimizer: Any, names: dict[torch.nn.Parameter, str]) -> dict[s
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     objects = {}
-    for index, opt in enumerate(_inner_optimizers(optimizer)):
+    for index, opt in enumerate(inner_optimizers(optimizer)):
         if not isinstance(opt, DistributedOptimizer):
             continue
         order = [names[param] for buffer in opt.buffers for bucket in buffer.buckets for param in bucket.params_list]
@@ -133,16 +135,6 @@ def bucket_mismatch(optimizer_template: Any, order: dict[str, Any], directory: s
     return None
 
 
-def _inner_optimizers(optimizer: Any) -> list[Any]:
-    """The megatron optimizers that hold a torch optimizer (``ChainedOptimizer`` unwrapped)."""
-    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer]) if hasattr(opt, "optimizer")]
-
-
-def _is_torch_adam(torch_optimizer: torch.optim.Optimizer) -> bool:
-    """torch's own Adam(W), which keeps a ``step`` per parameter (fused Adams keep it per group)."""
-    return isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW))
-
-
 def allocate_state(optimizer: Any) -> None:
     """Zero Adam state, as before a first update, where the optimizer has none yet.
 
@@ -153,12 +145,15 @@ def allocate_state(optimizer: Any) -> None:
     ``sharded_state_dict(is_loading=True)`` (an AssertionError on a fresh optimizer).
     Zero moments with step 0 update exactly as a fresh state does.
     """
-    for opt in _inner_optimizers(optimizer):
+    for opt in inner_optimizers(optimizer):
         if len(opt.optimizer.state) == 0 and opt.init_state_fn is not None:
             opt.init_state_fn(opt.optimizer, opt.config)
-        if _is_torch_adam(opt.optimizer):
-            for state in opt.optimizer.state.values():
-                state.setdefault("step", torch.zeros((), dtype=torch.float32))
+        if is_torch_adam(opt.optimizer):
+            for group in opt.optimizer.param_groups:
+                for param in group["params"]:
+                    state = opt.optimizer.state.get(param)
+                    if state and "step" not in state:
+                        state["step"] = step_tensor(group, param, 0.0)
 
 
 def add_missing_common_step(optimizer: Any, loaded: Any) -> None:
@@ -170,10 +165,10 @@ def add_missing_common_step(optimizer: Any, loaded: Any) -> None:
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    inner = _inner_optimizers(optimizer)
+    inner = inner_optimizers(optimizer)
     states = [loaded] if len(inner) == 1 else (loaded.values() if isinstance(loaded, dict) else loaded)
     for opt, state_dict in zip(inner, states):
-        if isinstance(opt, DistributedOptimizer) or not _is_torch_adam(opt.optimizer):
+        if isinstance(opt, DistributedOptimizer) or not is_torch_adam(opt.optimizer):
             continue
         per_param = state_dict.get("optimizer", state_dict)["state"]
         if per_param and "common_step" not in per_param and not any("step" in v for v in per_param.values()):
@@ -186,11 +181,12 @@ def restore_torch_adam_steps(optimizer: Any) -> None:
     megatron-core's DistributedOptimizer keeps torch AdamW's step in the param groups and
     restores it as one tensor shared by every parameter (which AdamW would then advance
     once per parameter), and the bucket state copied in afterwards overwrites its value.
+    Each step goes where the group's kernel reads it (:func:`~megatron_ext.training.torch_adam.step_tensor`).
     """
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
-    for opt in _inner_optimizers(optimizer):
-        if isinstance(opt, DistributedOptimizer) and _is_torch_adam(opt.optimizer):
+    for opt in inner_optimizers(optimizer):
+        if isinstance(opt, DistributedOptimizer) and is_torch_adam(opt.optimizer):
             for group in opt.optimizer.param_groups:
                 for param in group["params"]:
-                    opt.optimizer.state[param]["step"] = torch.tensor(float(group["step"]), dtype=torch.float32)
+                    opt.optimizer.state[param]["step"] = step_tensor(group, param, float(group["step"]))
