@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ExtensionConfig": "megatron_ext.extensions",
+    "ExtTransformerConfig": "megatron_ext.config",
     "ProResConfig": "megatron_ext.prores",
     "WeSaRConfig": "megatron_ext.wesar",
     "NormFormerConfig": "megatron_ext.normformer",

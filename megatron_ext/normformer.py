@@ -47,6 +47,7 @@ from megatron.core.transformer.utils import (
 )
 from megatron.core.utils import divide
 
+from megatron_ext.config import weight_scale_fusion
 from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
 from megatron_ext.param_gather import gathered, register_after
@@ -351,7 +352,8 @@ class FoldedHeadScaleMixin(HeadScaleMixin):
         if scale_on_weight(input, weight, weight.shape[1]):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            folded = scale_weight(weight, self.column_scale(weight.dtype), dim=1)
+            scale = self.column_scale(weight.dtype)
+            folded = scale_weight(weight, scale, dim=1, fused=weight_scale_fusion(self.config))
             return super()._forward_impl(input, folded, *args, **kwargs)
         return super()._forward_impl(input * self.column_scale(input.dtype), weight, *args, **kwargs)
 

@@ -64,6 +64,7 @@ from megatron.core.utils import (
     log_single_rank,
 )
 
+from megatron_ext.config import weight_scale_fusion
 from megatron_ext.linear_scaling import scale_on_weight, scale_weight
 
 logger = logging.getLogger(__name__)
@@ -249,9 +250,9 @@ class WeSaRGates(torch.nn.Module):
         """``a * output``, the gates indexed by the last dim of ``output``."""
         return output * self().to(output.dtype)
 
-    def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0) -> torch.Tensor:
-        """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight``."""
-        return scale_weight(weight, self().to(weight.dtype), feature_dim)
+    def scale_weight(self, weight: torch.Tensor, feature_dim: int = 0, fused: bool = False) -> torch.Tensor:
+        """``a * weight``, the gates indexed by dim ``feature_dim`` of ``weight`` (``fused``: compiled)."""
+        return scale_weight(weight, self().to(weight.dtype), feature_dim, fused)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None) -> dict:
         """The gates as checkpoint tensors replicated over TP (never TP-partitioned).
@@ -407,7 +408,8 @@ class _ShardGating(_Gating):
         if gate_on_weight(self.wesar_placement, input, weight, gathered):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            return super()._forward_impl(input, self.wesar.scale_weight(weight), *args, **kwargs)
+            scaled = self.wesar.scale_weight(weight, fused=weight_scale_fusion(self.config))
+            return super()._forward_impl(input, scaled, *args, **kwargs)
         return self.wesar.scale_output(super()._forward_impl(input, weight, *args, **kwargs))
 
 

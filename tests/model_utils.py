@@ -7,6 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_ext import ExtensionConfig
+from megatron_ext.config import ExtTransformerConfig
 from megatron_ext.model import gpt_model
 from megatron_ext.parallel import cpu_manual_seed
 
@@ -14,7 +15,7 @@ VOCAB = 96
 SEQ = 16
 
 
-def tiny_config(**overrides) -> TransformerConfig:
+def tiny_config(**overrides) -> ExtTransformerConfig:
     """A 4-layer GPT small enough for CPU tests; dropout off so runs are deterministic."""
     kwargs = dict(
         num_layers=4, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
@@ -23,7 +24,7 @@ def tiny_config(**overrides) -> TransformerConfig:
         pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
     )
     kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return ExtTransformerConfig(**kwargs)
 
 
 # SwiGLU + grouped-query attention + RMSNorm + untied output layer.

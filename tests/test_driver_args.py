@@ -104,14 +104,15 @@ def test_fusions_default_to_megatron_lm_on_cuda_and_off_on_the_cpu_path(byte_dat
     assert config.bias_dropout_fusion is cuda and config.bias_activation_fusion is cuda
     assert (args.bias_swiglu_fusion, args.bias_gelu_fusion) == ((cuda, False) if swiglu else (False, cuda))
     assert config.gradient_accumulation_fusion is cuda
+    assert not config.weight_scale_fusion  # megatron-ext's own, off unless asked for
     off = parse_args(tiny_flags(byte_dataset, swiglu=swiglu or None) + ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion",
                                                                  "--no-bias-swiglu-fusion"])
     validate_args(off, 1, cuda)
     config = transformer_config(off)
     assert not config.bias_dropout_fusion and not config.bias_activation_fusion
-    on = parse_args(tiny_flags(byte_dataset) + ["--bias-dropout-fusion"])  # compiled on the CPU too
+    on = parse_args(tiny_flags(byte_dataset) + ["--bias-dropout-fusion", "--weight-scale-fusion"])  # compiled on the CPU too
     validate_args(on, 1, False)
-    assert transformer_config(on).bias_dropout_fusion
+    assert transformer_config(on).bias_dropout_fusion and transformer_config(on).weight_scale_fusion
 
 
 def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset):

@@ -80,10 +80,12 @@ WESAR_OPTIONS = ["--wesar-gate-lr-mult", "2", "--wesar-gate-weight-decay", "0.05
 def test_gpu_engine_equals_the_cpu_engine_with_all_methods(tmp_path, byte_dataset):
     """megatron-core's DDP, Float32 optimizer (WeSaR's own gate group) and schedule against
     the CPU engine's torch AdamW: the same losses and grad norms (megatron-core's grad norm
-    and clip through the foreach stand-ins for its multi-tensor fallbacks)."""
+    and clip through the foreach stand-ins for its multi-tensor fallbacks, its torch AdamW
+    with the fused kernel)."""
     flags = METHOD_FLAGS + WESAR_OPTIONS
     output = emulated(1, tiny_flags(byte_dataset, save=tmp_path / "gpu", **RUN) + flags)
     assert "clip_grads.l2_norm_impl, megatron.core.optimizer.clip_grads.multi_tensor_scale_impl" in output
+    assert "it runs torch's fused kernel" in output
     assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path / "cpu", **RUN) + flags) == 0
     gpu, cpu = history(tmp_path / "gpu"), history(tmp_path / "cpu")
     assert sorted(gpu) == list(range(1, 7))
@@ -102,14 +104,14 @@ HALF = {"bf16": ["--bf16"], "fp16": ["--fp16", "--initial-loss-scale", "65536", 
 def test_half_precision_with_all_methods_saves_and_resumes_exactly(tmp_path, byte_dataset, precision):
     """Float16Module and the mixed-precision optimizer, the WeSaR gates cast with the
     model (their fp32 copies in the optimizer); bf16 with the driver's CUDA defaults (the
-    torch.compile'd fused kernels): a resume repeats the uninterrupted run. bf16 stays
-    near the fp32 CPU run; fp16 starts above the gradients' range, skips the overflowing
+    torch.compile'd fused kernels) and --weight-scale-fusion: a resume repeats the
+    uninterrupted run. bf16 stays near the fp32 CPU run; fp16 starts above the gradients' range, skips the overflowing
     steps while the loss scale comes down, and goes on (not a failure). The fused kernels
     are compiled in the first iteration and never again (a recompile per layer or per
     step would soon exceed dynamo's cache and fall back to eager code)."""
-    flags = METHOD_FLAGS + WESAR_OPTIONS + HALF[precision]
-    whole = tmp_path / "whole"
     fused = precision == "bf16"
+    flags = METHOD_FLAGS + WESAR_OPTIONS + HALF[precision] + (["--weight-scale-fusion"] if fused else [])
+    whole = tmp_path / "whole"
     output = emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags, fused=fused,
                       env={"TORCH_LOGS": "recompiles"})
     first_iteration = output.index(" iteration        1/")
@@ -189,6 +191,22 @@ def test_distributed_optimizer_state_is_not_loaded_into_parameters_registered_in
     emulated(1, ["unrecorded", *tiny_flags(byte_dataset, save=older, **run), *flags], script=OLDER)
     output = emulated(1, tiny_flags(byte_dataset, load=older, **resume) + flags, expect=pretrain_gpt.EXIT_CONFIG_ERROR)
     assert "does not record the order" in output
+
+
+@pytest.mark.parametrize("optimizer", [["--bf16"], ["--use-distributed-optimizer"]], ids=["float16", "distributed"])
+def test_state_of_the_former_unfused_adamw_resumes_under_the_fused_kernel(tmp_path, byte_dataset, optimizer):
+    """A checkpoint of megatron-ext before torch's AdamW was fused (its groups saved with
+    ``fused`` off, the steps on the host) resumes: iterations 4-6 are the fused run's,
+    within the two kernels' rounding, through megatron-core's Float16 optimizer (``common_step``)
+    and its distributed optimizer (the steps kept in the param groups)."""
+    flags = METHOD_FLAGS + optimizer
+    whole, older = tmp_path / "whole", tmp_path / "older"
+    emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags)
+    emulated(1, ["unfused", *tiny_flags(byte_dataset, save=older, **dict(RUN, train_iters=3)), *flags], script=OLDER)
+    resumed = tmp_path / "resumed"
+    output = emulated(1, tiny_flags(byte_dataset, load=resume_from(older, 3, resumed), save=resumed, **RUN) + flags)
+    assert "it runs torch's fused kernel" in output
+    assert_same(history(resumed), history(whole), range(4, 7), rel=1e-5)
 
 
 def test_tensor_parallel_2_with_sequence_parallelism_equals_1_and_resumes_on_1(tmp_path, byte_dataset):

@@ -152,7 +152,7 @@ def test_auto_placement_adds_no_activation_sized_work_when_tokens_outnumber_feat
     output_elements = x.shape[0] * x.shape[1] * config.ffn_hidden_size
     assert fc1.weight.numel() * 8 < output_elements
     census = census_of(lambda: fc1(x)[0].sum())
-    multiplied = census.written["mul"]
+    multiplied = census.written["mul"] + census.written["_foreach_mul"]  # one gate: torch's multi-tensor kernel
     if activation_sized:
         assert multiplied >= 3 * output_elements
     else:

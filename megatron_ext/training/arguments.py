@@ -134,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "layers have biases and --swiglu is off)")
     g.add_argument("--bias-swiglu-fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="megatron's fused bias + SwiGLU (default: on with CUDA and --swiglu)")
+    g.add_argument("--weight-scale-fusion", action=argparse.BooleanOptionalAction, default=False,
+                   help="WeSaR's gates and NormFormer's head scale multiplied into the weights by one compiled "
+                        "kernel forward and one backward: fewer passes over the weights, more host time per "
+                        "call (default: off)")
     g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="accumulate weight gradients into the fp32 main grads inside the GEMM (APEX's "
                         "fused_weight_gradient_mlp_cuda; default: on with CUDA where it is installed)")

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig
-from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_ext.config import ExtTransformerConfig
 from megatron_ext.extensions import ExtensionConfig
 from megatron_ext.normformer import NormFormerConfig
 from megatron_ext.prores import ProResConfig
@@ -23,11 +23,11 @@ def params_dtype(args: argparse.Namespace) -> torch.dtype:
     return torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
 
 
-def transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    """The model shape, parallel layout and precision as a megatron-core config."""
+def transformer_config(args: argparse.Namespace) -> ExtTransformerConfig:
+    """The model shape, parallel layout, precision and kernel fusions as a megatron-core config."""
     dtype = params_dtype(args)
     overlap_p2p = args.virtual_pipeline_model_parallel_size is not None and args.overlap_p2p_communication
-    return TransformerConfig(
+    return ExtTransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
         ffn_hidden_size=args.ffn_hidden_size,
@@ -44,6 +44,7 @@ def transformer_config(args: argparse.Namespace) -> TransformerConfig:
         bias_dropout_fusion=args.bias_dropout_fusion,
         bias_activation_fusion=args.bias_swiglu_fusion if args.swiglu else args.bias_gelu_fusion,
         gradient_accumulation_fusion=args.gradient_accumulation_fusion,
+        weight_scale_fusion=args.weight_scale_fusion,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
