@@ -6,6 +6,7 @@
 #
 #   bash bench/gpu_evidence.sh check+memory speed     # device call 1 (at most about 7 minutes)
 #   bash bench/gpu_evidence.sh convergence            # device call 2, while warm (about 5.5 minutes)
+#   bash bench/gpu_evidence.sh speed profile          # the fixes' measurement (at most about 7.5 minutes)
 #
 # Stages named together with '+' run side by side (check and memory: the memory stage
 # measures each process's own peak allocation, which the other process does not change,
@@ -36,7 +37,7 @@ CONV_TIMEOUT=${CONV_TIMEOUT:-300}
 CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-240}
 MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-150}
-PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-120}
+PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-210}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
@@ -102,8 +103,8 @@ stage_speed() {  # the largest shape first: its MFU is a target, and a time limi
 }
 
 stage_profile() {  # phases, kernels, host ops and synchronisations of the 1.3B variants, set against the baseline
-    timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py --shapes 1.3b --variants baseline wesar normformer all \
-        --primitives --output "$OUT/profile.json"
+    timeout "$PROFILE_TIMEOUT" python3 bench/profile_step.py --shapes 1.3b --primitives --output "$OUT/profile.json" \
+        --variants baseline wesar wesar+scale-fusion normformer normformer+scale-fusion all all+scale-fusion
 }
 
 stage_memory() {  # MEMORY_FILL (default 0.9) leaves room for a stage beside it (check: a few GiB)
@@ -150,7 +151,8 @@ print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
 for shape, results in r['shapes'].items():
     for name, v in results.items():
         if name != 'primitives': print(shape, name, {k: round(v[k], 1) for k in ('iteration_ms', 'forward_backward_ms', 'optimizer_ms')},
-                                       'synchronisations', sum(n for s, n in v.get('synchronizing_calls', {}).items() if s != 'error'))"
+                                       'synchronisations', sum(n for s, n in v.get('synchronizing_calls', {}).items() if s != 'error'))
+    for name, v in results.get('primitives', {}).items(): print(shape, name, 'GPU ms %.3f, host ms %.3f' % (v['gpu_ms'], v['host_ms']))"
     [ -f "$OUT/convergence.md" ] && cat "$OUT/convergence.md"
 }
 

@@ -5,7 +5,8 @@
     python bench/profile_step.py --device cpu --tiny --output /tmp/profile.json   # CPU smoke test
 
 For each variant (a name of :data:`harness.METHOD_FLAGS`, optionally with ``+dopt`` for
-``--use-distributed-optimizer`` or ``+eager`` for no fused bias-dropout-add / bias-GeLU) the
+``--use-distributed-optimizer``, ``+eager`` for no fused bias-dropout-add / bias-GeLU or
+``+scale-fusion`` for ``--weight-scale-fusion``) the
 driver's engine is built as in ``bench/step_time.py`` and, after ``--warmup`` iterations:
 
 * phases: ``--iters`` iterations timed whole and in their forward-backward part (the
@@ -18,15 +19,19 @@ driver's engine is built as in ``bench/step_time.py`` and, after ``--warmup`` it
   synchronising call counted at the innermost line of our code or megatron-core's.
 
 Each variant's host ops and kernels are then set against the first variant's (the
-baseline), largest difference first. ``--primitives`` adds timings of the elementwise
-primitives the methods use, at the shape's own sizes, each against alternatives.
+baseline), largest difference first. ``--primitives`` adds timings of the kernels the
+methods and the optimizer run, at the shape's own sizes, each beside its alternatives: the
+weight-side scales eager and compiled, NormFormer's FFN norm in four forms, and one AdamW
+update foreach and fused.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import logging
+import math
 import statistics
 import sys
 import tempfile
@@ -37,6 +42,7 @@ from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
@@ -44,6 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 import step_time  # noqa: E402
 
+from megatron_ext import normformer  # noqa: E402
+from megatron_ext.linear_scaling import scale_weight  # noqa: E402
 from megatron_ext.training.distributed import shutdown  # noqa: E402
 from megatron_ext.training.setup import padded_vocab_size  # noqa: E402
 
@@ -51,6 +59,7 @@ logger = logging.getLogger("bench.profile_step")
 SUFFIX_FLAGS = {
     "dopt": ("--use-distributed-optimizer",),
     "eager": ("--no-bias-dropout-fusion", "--no-bias-gelu-fusion"),
+    "scale-fusion": ("--weight-scale-fusion",),
 }
 TOP = 25
 
@@ -213,35 +222,95 @@ def _gpu_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> d
     return {"gpu_ms": 1e3 * host, "host_ms": 1e3 * host}
 
 
-def primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
-    """The methods' elementwise primitives at ``shape``'s sizes, each beside alternatives."""
+def _forward_backward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                      grad: torch.Tensor) -> Callable[[], None]:
+    """One forward and backward of ``fn(*inputs)`` against ``grad``, the inputs' grads dropped after."""
+    def run() -> None:
+        torch.autograd.backward(fn(*inputs), grad)
+        for tensor in inputs:
+            tensor.grad = None
+    return run
+
+
+def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
+    return [t.requires_grad_() for t in tensors]
+
+
+def weight_scale_primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
+    """WeSaR's gates and NormFormer's head scale on the shape's weights, forward and backward:
+    eager (``--no-weight-scale-fusion``) against compiled (``--weight-scale-fusion``, the CUDA default)."""
     h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
-    out: dict[str, dict] = {}
-    grad, weight = (torch.randn(f, h, device=device, dtype=dtype) for _ in range(2))
-    out[f"gate grad {f}x{h}: torch.dot (ours)"] = _gpu_ms(lambda: torch.dot(grad.view(-1), weight.view(-1)), device)
-    out[f"gate grad {f}x{h}: (g*w).sum(dtype=fp32)"] = _gpu_ms(lambda: (grad * weight).sum(dtype=torch.float32), device)
-    out[f"gate grad {f}x{h}: g.view(1,-1) @ w.view(-1,1)"] = _gpu_ms(
-        lambda: grad.view(1, -1) @ weight.view(-1, 1), device)
-    rows_g, rows_w = grad[: 3 * h], weight[: 3 * h]
-    out[f"row gate grad {3 * h}x{h}: einsum ij,ij->i (ours)"] = _gpu_ms(
-        lambda: torch.einsum("ij,ij->i", rows_g, rows_w), device)
-    out[f"row gate grad {3 * h}x{h}: (g*w).sum(1, dtype=fp32)"] = _gpu_ms(
-        lambda: (rows_g * rows_w).sum(1, dtype=torch.float32), device)
-    square_g, square_w = grad[:h].t(), weight[:h].t()
-    out[f"column scale grad {h}x{h} (transposed): einsum (ours)"] = _gpu_ms(
-        lambda: torch.einsum("ij,ij->i", square_g, square_w), device)
-    out[f"column scale grad {h}x{h} (transposed): (g*w).sum(1, dtype=fp32)"] = _gpu_ms(
-        lambda: (square_g * square_w).sum(1, dtype=torch.float32), device)
-    scale = torch.rand(f, device=device, dtype=dtype)
-    out[f"scale weight {f}x{h}: w * s[:, None]"] = _gpu_ms(lambda: weight * scale.view(-1, 1), device)
-    gates = [torch.nn.Parameter(torch.ones((), device=device)) for _ in range(3)]
-    index = torch.arange(3 * h, device=device) // h
-
-    def qkv_gates() -> None:
-        torch.stack(gates)[index].to(dtype).sum().backward()
-
-    out[f"qkv gate vector: stack, index [{3 * h}], cast, backward"] = _gpu_ms(qkv_gates, device)
+    cases = {  # label: (rows, columns, scale length, dim)
+        f"one gate, fc1 {f}x{h}": (f, h, 1, 0),
+        f"a gate per row, QKV {3 * h}x{h}": (3 * h, h, 3 * h, 0),
+        f"head scale per column, W^O {h}x{h}": (h, h, h, 1),
+    }
+    out = {}
+    for label, (rows, columns, length, dim) in cases.items():
+        weight, scale = _leaves(torch.randn(rows, columns, device=device, dtype=dtype),
+                                torch.rand(length, device=device, dtype=dtype))
+        grad = torch.randn(rows, columns, device=device, dtype=dtype)
+        for fused, name in ((False, "eager"), (True, "compiled")):
+            scaled = functools.partial(scale_weight, dim=dim, fused=fused)
+            out[f"weight scale, {label}, forward+backward: {name}"] = _gpu_ms(
+                _forward_backward(scaled, (weight, scale), grad), device)
     return out
+
+
+def ffn_norm_primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
+    """NormFormer's FFN norm after the bias-GeLU of one micro batch (TP = 1), forward and
+    backward: the baseline's activation alone, the compiled activation + LayerNorm the
+    library runs, the same compiled with inductor's multi-kernel (persistent reductions
+    tried against looped ones), and the compiled activation followed by torch's LayerNorm."""
+    f = shape.ffn_hidden_size or 4 * shape.hidden_size
+    tokens = shape.seq_length * shape.micro_batch_size
+    x, bias, weight, norm_bias = _leaves(torch.randn(tokens, f, device=device, dtype=dtype),
+                                         torch.randn(f, device=device, dtype=dtype),
+                                         torch.ones(f, device=device, dtype=dtype),
+                                         torch.zeros(f, device=device, dtype=dtype))
+    grad = torch.randn(tokens, f, device=device, dtype=dtype)
+    act = (False, False, "tanh")  # GeLU, megatron's fused (tanh) form
+    multi_kernel = torch.compile(normformer.ffn_activation_norm, options={"triton.multi_kernel": 1})
+    variants = {
+        "bias-GeLU alone (the baseline)": lambda x, b, w, nb: normformer.fused_ffn_activation(x, b, *act),
+        "bias-GeLU + LayerNorm compiled together (the library)":
+            lambda x, b, w, nb: normformer.fused_ffn_activation_norm(x, b, w, nb, 1e-5, False, *act),
+        "bias-GeLU + LayerNorm compiled with triton.multi_kernel":
+            lambda x, b, w, nb: multi_kernel(x, b, w, nb, 1e-5, False, *act),
+        "compiled bias-GeLU, then torch's layer_norm":
+            lambda x, b, w, nb: F.layer_norm(normformer.fused_ffn_activation(x, b, *act), (f,), w, nb, 1e-5),
+    }
+    return {f"FFN norm {tokens}x{f}, forward+backward: {name}":
+            _gpu_ms(_forward_backward(fn, (x, bias, weight, norm_bias), grad), device)
+            for name, fn in variants.items()}
+
+
+def adam_primitives(shape: harness.Shape, vocab_size: int, device: torch.device) -> dict:
+    """One AdamW update over fp32 tensors of the shape's parameter sizes (the mixed-precision
+    optimizer's main parameters): torch's foreach kernels (megatron-core's fallback as it
+    builds it) against the fused kernel the GPU engine switches it to."""
+    h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
+    layer = [(3 * h, h), (3 * h,), (h, h), (h,), (f, h), (f,), (h, f), (h,)] + [(h,)] * 4
+    sizes = layer * shape.num_layers + [(vocab_size, h), (shape.seq_length, h), (h,), (h,)]
+    count = sum(math.prod(size) for size in sizes)
+    out = {}
+    for fused, name in ((None, "torch's default, foreach on a GPU (megatron-core's fallback)"),
+                        (True, "fused (the GPU engine)")):
+        params = [torch.zeros(size, device=device, requires_grad=True) for size in sizes]
+        for param in params:
+            param.grad = torch.full_like(param, 1e-3)
+        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=fused)
+        out[f"AdamW update of {count / 1e9:.2f}B fp32 parameters in {len(sizes)} tensors: {name}"] = _gpu_ms(
+            optimizer.step, device, reps=5)
+        del optimizer, params
+        harness.free_memory()
+    return out
+
+
+def primitives(shape: harness.Shape, vocab_size: int, device: torch.device, dtype: torch.dtype) -> dict:
+    """The methods' kernels at ``shape``'s sizes as the library runs them, each beside its alternatives."""
+    return {**weight_scale_primitives(shape, device, dtype), **ffn_norm_primitives(shape, device, dtype),
+            **adam_primitives(shape, vocab_size, device)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -281,7 +350,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report["shapes"][shape.name] = results
                 if args.primitives:
                     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-                    results["primitives"] = primitives(shape, device, dtype)
+                    vocab = padded_vocab_size(harness.GPT2_VOCAB_SIZE, 128)
+                    results["primitives"] = primitives(shape, vocab, device, dtype)
                     harness.write_report(args.output, report)
                 for spec in args.variants:
                     r = measure_variant(shape, spec, data, args)
