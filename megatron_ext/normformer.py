@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, fields, replace
-from typing import Optional, Union
+from typing import Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -108,50 +108,6 @@ def _sum_over_group(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) ->
     return tensor
 
 
-class _ShardedWidthNormalize(torch.autograd.Function):
-    """``y = (x - mean) * rstd`` (LayerNorm) or ``y = x * rstd`` (RMSNorm) over the full width.
-
-    ``x`` holds this rank's slice of the last dimension; the per-token moments over the
-    full ``width`` come from ONE all-reduce over ``group`` (of the stacked sum and sum of
-    squares for LayerNorm, of the sum of squares for RMSNorm); so does the backward::
-
-        LayerNorm: dx = rstd * (g - mean(g) - y * mean(g * y))
-        RMSNorm:   dx = rstd * (g - y * mean(g * y))
-
-    with the means over the full width, computed in fp32 (or the input's wider dtype).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, width: int, eps: float, rms: bool, group) -> torch.Tensor:
-        x32 = _at_least_fp32(x)
-        if rms:
-            mean = None
-            mean_square = _sum_over_group(x32.square().sum(-1), group) / width
-            rstd = torch.rsqrt(mean_square + eps)
-        else:
-            sums = _sum_over_group(torch.stack((x32.sum(-1), x32.square().sum(-1))), group) / width
-            mean = sums[0]
-            rstd = torch.rsqrt((sums[1] - mean.square()).clamp_min(0.0) + eps)
-        ctx.width, ctx.rms, ctx.group = width, rms, group
-        ctx.save_for_backward(x, rstd, mean)
-        return _normalized(x32, mean, rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):
-        x, rstd, mean = ctx.saved_tensors
-        y = _normalized(_at_least_fp32(x), mean, rstd)
-        g = _at_least_fp32(grad_output)
-        if ctx.rms:
-            centred = g
-            gy_mean = _sum_over_group((g * y).sum(-1), ctx.group) / ctx.width
-        else:
-            sums = _sum_over_group(torch.stack((g.sum(-1), (g * y).sum(-1))), ctx.group) / ctx.width
-            centred = g - sums[0].unsqueeze(-1)
-            gy_mean = sums[1]
-        grad_input = rstd.unsqueeze(-1) * (centred - y * gy_mean.unsqueeze(-1))
-        return grad_input.to(x.dtype), None, None, None, None
-
-
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
@@ -159,6 +115,104 @@ def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
 def _normalized(x32: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor) -> torch.Tensor:
     centred = x32 if mean is None else x32 - mean.unsqueeze(-1)
     return centred * rstd.unsqueeze(-1)
+
+
+def _statistics(sums: torch.Tensor, width: int, eps: float,
+                rms: bool) -> tuple[Optional[torch.Tensor], torch.Tensor]:
+    """(mean, or None for RMSNorm; rstd) per token from the full-width sums of :func:`_moments`."""
+    moments = sums / width
+    if rms:
+        return None, torch.rsqrt(moments[0] + eps)
+    mean = moments[0]
+    return mean, torch.rsqrt((moments[1] - mean.square()).clamp_min(0.0) + eps)
+
+
+def _moments(x: torch.Tensor, rms: bool) -> torch.Tensor:
+    """Per-token sums over this rank's slice of the width, in at least fp32, stacked:
+    ``[sum x^2]`` (RMSNorm) or ``[sum x, sum x^2]`` (LayerNorm)."""
+    x32 = _at_least_fp32(x)
+    squares = x32.square().sum(-1)
+    return squares.unsqueeze(0) if rms else torch.stack((x32.sum(-1), squares))
+
+
+def _normalize_affine(x: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor, weight: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """``y * weight + bias`` with ``y = (x - mean) * rstd``, in at least fp32, in ``x``'s dtype."""
+    out = _normalized(_at_least_fp32(x), mean, rstd) * weight
+    return (out if bias is None else out + bias).to(x.dtype)
+
+
+def _grad_sums(grad: torch.Tensor, x: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
+               weight: torch.Tensor) -> torch.Tensor:
+    """Per-token sums over this rank's slice for the backward, ``g = grad * weight``:
+    ``[sum g y]`` (RMSNorm, ``mean`` None) or ``[sum g, sum g y]`` (LayerNorm)."""
+    g = _at_least_fp32(grad) * weight
+    gy = (g * _normalized(_at_least_fp32(x), mean, rstd)).sum(-1)
+    return gy.unsqueeze(0) if mean is None else torch.stack((g.sum(-1), gy))
+
+
+def _grads(grad: torch.Tensor, x: torch.Tensor, mean: Optional[torch.Tensor], rstd: torch.Tensor,
+           weight: torch.Tensor, means: torch.Tensor,
+           has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+    """(d x, d weight, d bias or None): ``dx = rstd (g - mean(g) - y mean(g y))`` with the
+    means over the full width (``means``, no ``mean(g)`` for RMSNorm), ``d weight`` and
+    ``d bias`` the sums over tokens of ``grad * y`` and ``grad``."""
+    grad32 = _at_least_fp32(grad)
+    y = _normalized(_at_least_fp32(x), mean, rstd)
+    g = grad32 * weight
+    centred = g if mean is None else g - means[0].unsqueeze(-1)
+    dx = rstd.unsqueeze(-1) * (centred - y * means[-1].unsqueeze(-1))
+    tokens = tuple(range(grad.dim() - 1))
+    dbias = grad32.sum(tokens).to(weight.dtype) if has_bias else None
+    return dx.to(x.dtype), (grad32 * y).sum(tokens).to(weight.dtype), dbias
+
+
+class _NormKernels(NamedTuple):
+    """The functions of :class:`_ShardedWidthNorm`, two on each side of its all-reduce."""
+
+    moments: Callable
+    normalize_affine: Callable
+    grad_sums: Callable
+    grads: Callable
+
+
+_EAGER_KERNELS = _NormKernels(_moments, _normalize_affine, _grad_sums, _grads)
+_COMPILED_KERNELS = _NormKernels(*(jit_fuser(kernel) for kernel in _EAGER_KERNELS))
+
+
+class _ShardedWidthNorm(torch.autograd.Function):
+    """``y * weight + bias``, ``y = (x - mean) * rstd`` (LayerNorm) or ``x * rstd`` (RMSNorm),
+    over the full width of an ``x`` whose last dimension is sharded over ``group``.
+
+    The per-token moments over the full ``width`` come from ONE all-reduce over ``group``
+    (of the stacked sum and sum of squares for LayerNorm, of the sum of squares for
+    RMSNorm); so does the backward, with ``g = grad * weight``::
+
+        LayerNorm: dx = rstd * (g - mean(g) - y * mean(g * y))
+        RMSNorm:   dx = rstd * (g - y * mean(g * y))
+
+    with the means over the full width, all in fp32 (or the input's wider dtype). The
+    gain and bias are this rank's slices; their gradients are sums over tokens. Each side
+    of the all-reduce is one function (:class:`_NormKernels`), ``torch.compile``'d into
+    its own kernels when ``fused``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], width: int, eps: float,
+                rms: bool, group, fused: bool) -> torch.Tensor:
+        kernels = _COMPILED_KERNELS if fused else _EAGER_KERNELS
+        mean, rstd = _statistics(_sum_over_group(kernels.moments(x, rms), group), width, eps, rms)
+        ctx.width, ctx.group, ctx.kernels, ctx.has_bias = width, group, kernels, bias is not None
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return kernels.normalize_affine(x, mean, rstd, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        x, weight, mean, rstd = ctx.saved_tensors
+        kernels = ctx.kernels
+        means = _sum_over_group(kernels.grad_sums(grad_output, x, mean, rstd, weight), ctx.group) / ctx.width
+        dx, dweight, dbias = kernels.grads(grad_output, x, mean, rstd, weight, means, ctx.has_bias)
+        return dx, dweight, dbias, None, None, None, None, None
 
 
 def sharded_width_norm(
@@ -170,14 +224,15 @@ def sharded_width_norm(
     eps: float,
     rms: bool,
     group: Optional[dist.ProcessGroup],
+    fused: bool = False,
 ) -> torch.Tensor:
     """LayerNorm (``rms=False``) or RMSNorm of a tensor whose last dim is sharded over ``group``.
 
     ``x``, ``weight`` and ``bias`` hold this rank's slice of the ``width`` features; the
     result is this rank's slice of ``norm(gathered x) * gathered weight + gathered bias``.
+    ``fused``: compiled kernels on each side of the all-reduce (:class:`_ShardedWidthNorm`).
     """
-    out = _ShardedWidthNormalize.apply(x, width, eps, rms, group) * weight
-    return out if bias is None else out + bias
+    return _ShardedWidthNorm.apply(x, weight, bias, width, eps, rms, group, fused)
 
 
 class FFNNorm(MegatronModule):
@@ -188,7 +243,8 @@ class FFNNorm(MegatronModule):
     whole width, also under sequence parallelism, where fc2's input holds the full
     sequence and this rank's FFN slice. Without tensor parallelism it is torch's
     ``layer_norm`` / ``rms_norm`` (one fused kernel each way), else
-    :func:`sharded_width_norm`.
+    :func:`sharded_width_norm`, compiled on each side of its all-reduce with megatron's
+    fused activation (``bias_activation_fusion``).
     """
 
     def __init__(self, config: TransformerConfig, width: int, tp_group: Optional[dist.ProcessGroup]) -> None:
@@ -201,6 +257,7 @@ class FFNNorm(MegatronModule):
         self.width = width
         self.eps = config.layernorm_epsilon
         self.rms = config.normalization == "RMSNorm"
+        self.fused = config.bias_activation_fusion
         self.tp_group = tp_group
         self.tp_size = 1 if tp_group is None else dist.get_world_size(tp_group)
         shape = (divide(width, self.tp_size),)
@@ -214,7 +271,8 @@ class FFNNorm(MegatronModule):
         if self.tp_size == 1:  # the whole width is local: torch's own fused kernel
             return norm_last_dim(x, self.weight, self.bias, self.eps, self.rms)
         return sharded_width_norm(
-            x, self.weight, self.bias, width=self.width, eps=self.eps, rms=self.rms, group=self.tp_group
+            x, self.weight, self.bias, width=self.width, eps=self.eps, rms=self.rms, group=self.tp_group,
+            fused=self.fused,
         )
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None) -> dict:
@@ -258,7 +316,8 @@ class FFNNormMixin:
     ``jit_fuser`` and, without tensor parallelism, together with the norm: one kernel
     reads fc1's output and writes the normalised activation, so the activation's output
     is neither written nor read in between. Under TP the norm's statistics need an
-    all-reduce, so the activation is fused alone and :func:`sharded_width_norm` follows.
+    all-reduce, so the activation is fused alone and :func:`sharded_width_norm` follows,
+    compiled on each side of its all-reduce.
     """
 
     def __init__(self, config: TransformerConfig, *args, ffn_hidden_size: Optional[int] = None, **kwargs) -> None:

@@ -8,6 +8,7 @@ method's tests reuse the same checks.
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import torch
 import torch.distributed as dist
@@ -192,7 +193,8 @@ def _gather_last_dim(shard: torch.Tensor) -> torch.Tensor:
 
 
 def ffn_norm_tp_vs_full(rank, world, normalizations: list[str], width: int = 24) -> dict:
-    """TP=2 FFNNorm on a sharded input vs the full-width torch norm: {norm: (ours, reference)}.
+    """TP=2 FFNNorm on a sharded input vs the full-width torch norm, eager and compiled (with
+    megatron's fused activation): {(norm, fused): (ours, reference)}.
 
     Each side is (output, input grad, gain grad, bias grad or None), ours gathered over TP.
     """
@@ -204,8 +206,8 @@ def ffn_norm_tp_vs_full(rank, world, normalizations: list[str], width: int = 24)
     group = parallel_state.get_tensor_model_parallel_group()
     g = torch.Generator().manual_seed(3)
     results = {}
-    for normalization in normalizations:
-        config = tiny_config(normalization=normalization, layernorm_epsilon=1e-5)
+    for normalization, fused in itertools.product(normalizations, (False, True)):
+        config = tiny_config(normalization=normalization, layernorm_epsilon=1e-5, bias_activation_fusion=fused)
         norm = FFNNorm(config, width, group)
         x = 3.0 + 2.0 * torch.randn(5, 2, width, generator=g)  # offset mean: LayerNorm must centre
         upstream = torch.randn(5, 2, width, generator=g)
@@ -230,7 +232,7 @@ def ffn_norm_tp_vs_full(rank, world, normalizations: list[str], width: int = 24)
         (ref * upstream).sum().backward()
         bias_grad = bias_full.grad if normalization == "LayerNorm" else None
         reference = (ref.detach(), x_full.grad, gain_full.grad, bias_grad)
-        results[normalization] = (ours, reference)
+        results[normalization, fused] = (ours, reference)
     return results if rank == 0 else None
 
 

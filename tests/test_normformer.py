@@ -61,6 +61,21 @@ def test_ffn_norm_on_one_rank_equals_torch_norm(rms):
     )
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["LayerNorm", "RMSNorm"])
+def test_compiled_ffn_norm_kernels_compute_the_eager_ones(rms):
+    """``fused``: each side of the all-reduce torch.compile'd, forward and backward."""
+    width = 12
+    x, weight, bias = _inputs(width, bias=not rms)
+    params = [t for t in (x, weight, bias) if t is not None]
+    upstream = torch.randn(3, 2, width, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    results = []
+    for fused in (False, True):
+        out = sharded_width_norm(x, weight, bias, width=width, eps=1e-5, rms=rms, group=None, fused=fused)
+        results.append((out, *torch.autograd.grad(out, params, upstream)))
+    for eager, compiled in zip(*results):
+        torch.testing.assert_close(compiled, eager, rtol=1e-10, atol=1e-12)
+
+
 def test_ffn_norm_keeps_bf16_activations_with_fp32_statistics():
     x, weight, bias = (t.detach() for t in _inputs(64, bias=True))
     x, weight, bias = (t.bfloat16() for t in (x, weight, bias))

@@ -22,7 +22,8 @@ SHAPES = {"gpt": SMALL, "llama-like": {**SMALL, **LLAMA_LIKE}}  # GELU/MHA/Layer
 # fold into the weights instead of multiplying activations.
 FOLDING = {"narrow": {**SMALL, "hidden_size": 16, "ffn_hidden_size": 32}}
 # megatron's fused activations (--bias-gelu-fusion / --bias-swiglu-fusion): at TP=1 the
-# activation and the FFN norm are one compiled kernel, at TP=2 the activation is fused alone.
+# activation and the FFN norm are one compiled kernel, at TP=2 the activation is fused alone
+# and the norm compiled on each side of its all-reduce.
 FUSED = {f"{shape}-fused": {**overrides, "bias_activation_fusion": True} for shape, overrides in SHAPES.items()}
 PARTS = ("head_scale", "post_attention_norm", "ffn_norm", "residual_scale")
 OPTIONS = {  # each part alone, then all four
@@ -63,9 +64,10 @@ def normformer_world():
     return kernel, sharded, dict(zip(CASES, models))
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("normalization", ["LayerNorm", "RMSNorm"])
-def test_ffn_norm_tp2_equals_full_width_norm(normformer_world, normalization):
-    ours, reference = normformer_world[0][normalization]
+def test_ffn_norm_tp2_equals_full_width_norm(normformer_world, normalization, fused):
+    ours, reference = normformer_world[0][normalization, fused]
     for name, got, expected in zip(("output", "input grad", "gain grad", "bias grad"), ours, reference):
         if expected is None:
             assert got is None, name
