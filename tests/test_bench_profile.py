@@ -27,6 +27,7 @@ def bench():
 def test_variant_specs(bench):
     assert bench.variant_flags("wesar+dopt") == ["--wesar", "--use-distributed-optimizer"]
     assert bench.variant_flags("baseline") == []
+    assert bench.variant_flags("all+scale-fusion") == ["--prores", "--wesar", "--normformer", "--weight-scale-fusion"]
     for bad in ("wesar+fast", "nothing"):
         with pytest.raises(SystemExit, match=re.escape(f"{bad!r} is not NAME")):
             bench.variant_flags(bad)
