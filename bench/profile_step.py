@@ -238,7 +238,7 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 
 def weight_scale_primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
     """WeSaR's gates and NormFormer's head scale on the shape's weights, forward and backward:
-    eager (``--no-weight-scale-fusion``) against compiled (``--weight-scale-fusion``, the CUDA default)."""
+    eager (the default) against compiled (``--weight-scale-fusion``)."""
     h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
     cases = {  # label: (rows, columns, scale length, dim)
         f"one gate, fc1 {f}x{h}": (f, h, 1, 0),

@@ -32,11 +32,15 @@ def is_torch_adam(torch_optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
+def _step_device(group: dict, param: torch.Tensor) -> torch.device:
+    """Where the group's kernel reads ``step``: the parameter's device for the fused (or
+    capturable) kernel, the host for the others."""
+    return param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
+
+
 def step_tensor(group: dict, param: torch.Tensor, value: float) -> torch.Tensor:
-    """torch Adam's ``step`` of ``param`` in ``group``: float32, on the parameter's device for
-    the fused (or capturable) kernel, on the host for the others."""
-    device = param.device if group.get("fused") or group.get("capturable") else torch.device("cpu")
-    return torch.tensor(value, dtype=torch.float32, device=device)
+    """torch Adam's ``step`` of ``param`` in ``group``: float32, where the group's kernel reads it."""
+    return torch.tensor(value, dtype=torch.float32, device=_step_device(group, param))
 
 
 def _place_steps(torch_optimizer: torch.optim.Optimizer) -> None:
@@ -46,9 +50,9 @@ def _place_steps(torch_optimizer: torch.optim.Optimizer) -> None:
             if not state or "step" not in state:
                 continue
             step = state["step"]
-            wanted = step_tensor(group, param, 0.0)
-            if not (torch.is_tensor(step) and step.device == wanted.device and step.dtype == wanted.dtype):
-                state["step"] = wanted.fill_(float(step))
+            placed = torch.is_tensor(step) and step.dtype == torch.float32
+            if not (placed and step.device == _step_device(group, param)):
+                state["step"] = step_tensor(group, param, float(step))
 
 
 def fuse(optimizer: Any) -> int:
