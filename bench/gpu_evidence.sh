@@ -145,7 +145,12 @@ digest() {  # the results in a few lines, for the end of the output
     [ -f "$OUT/step_time.json" ] && python3 -W ignore -c "import json, sys; sys.path.insert(0, 'bench'); import step_time
 r = json.load(open('$OUT/step_time.json')); print(step_time.markdown(r['results'], r['matmul_ceiling_tflops']))"
     [ -f "$OUT/memory_13b.json" ] && python3 -c "import json; r = json.load(open('$OUT/memory_13b.json'))
-for name, v in r['variants'].items(): print(name, {k: x for k, x in v.items() if k != 'points'})
+gib = lambda x: 'n/a' if x is None else '%.2f' % (x / 2**30)
+for name, v in r['variants'].items():
+    for p in v['points']: print(name, p['layers'], 'layers, GiB: peak', gib(p['peak_allocated']), 'forward-backward',
+                                gib(p.get('peak_forward_backward')), 'optimizer step', gib(p.get('peak_optimizer_step')),
+                                'estimated', gib(p.get('estimated_peak')), p.get('adam_kernel'), 'Adam')
+    print(name, {k: x for k, x in v.items() if k != 'points'})
 print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
     [ -f "$OUT/profile.json" ] && python3 -c "import json; r = json.load(open('$OUT/profile.json'))
 for shape, results in r['shapes'].items():

@@ -7,16 +7,20 @@
 The 13B decoder layer (hidden 5120, 40 heads, FFN 20480, sequence 2048, GPT-2 vocabulary,
 tied embeddings) is trained for ``--iterations`` driver iterations (bf16, megatron-core
 DDP and Adam, TP = PP = DP = 1, no recomputation) with ``--layers`` layers, and the peak
-of ``torch.cuda.max_memory_allocated`` is recorded. A least-squares line through the
-points gives the measured bytes per layer ``b`` and the fixed part ``a``; the largest
-layer count that fits the GPU (``a + b L`` under ``--fill`` of its memory) is then run to
-confirm it. Each point is set beside ``tools/estimate_memory.py``'s peak for the same run.
+of ``torch.cuda.max_memory_allocated`` is recorded for the whole run and for each phase of
+an iteration: the forward-backward (the engine's schedule call, whose peak is the
+activations at the turn to the backward) and the rest (the optimizer step, whose peak is
+its temporaries). A least-squares line through the points gives the measured bytes per
+layer ``b`` and the fixed part ``a``, overall and per phase; the largest layer count that
+fits the GPU (``a + b L`` under ``--fill`` of its memory) is then run to confirm it. Each
+point is set beside ``tools/estimate_memory.py``'s peak for the same run, with the Adam
+kernel the run used.
 
 Extrapolation to the layouts in ``--configs`` (default: examples/configs/gpt-13b): the
-estimator's model state (weights, gradients, optimizer; exact counts) plus its
-activations scaled by the measured ratio
-``r = (b - estimated state per layer) / estimated activations per layer``, plus the
-measured unmodelled constant ``a - estimated fixed part``.
+estimator's model state (weights, gradients, optimizer; exact counts) plus the larger of
+its optimizer-step temporaries and its activations scaled by the forward-backward phase's
+measured ratio ``r = (b - estimated state per layer) / estimated activations per layer``
+plus that phase's unmodelled constant ``a - estimated fixed part``.
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from megatron_ext import memory as em  # noqa: E402
+from megatron_ext.training import torch_adam  # noqa: E402
 from megatron_ext.training.distributed import shutdown  # noqa: E402
 from megatron_ext.training.setup import padded_vocab_size  # noqa: E402
 
@@ -58,18 +63,72 @@ def estimator_model(shape: harness.Shape, num_layers: int, variant: str):
     )
 
 
+class PhasePeaks:
+    """Peak allocated bytes of each phase of the engine's iterations, the largest over all.
+
+    ``forward_backward``: the engine's schedule call (``GpuEngine._run``); ``optimizer_step``:
+    the rest of the iteration (gradient norm, clip, update, parameter copies); ``build``:
+    before the first iteration; ``reserved``: the allocator's peak reserved bytes over all.
+    """
+
+    def __init__(self, engine) -> None:
+        self.reserved = 0
+        self.build = self._peak()
+        self.forward_backward = self.optimizer_step = 0
+        torch.cuda.reset_peak_memory_stats()
+        run = engine._run
+
+        def phased_run(data_iterator, forward_only):
+            self.optimizer_step = max(self.optimizer_step, self._peak())
+            torch.cuda.reset_peak_memory_stats()
+            result = run(data_iterator, forward_only)
+            self.forward_backward = max(self.forward_backward, self._peak())
+            torch.cuda.reset_peak_memory_stats()
+            return result
+
+        engine._run = phased_run
+
+    def _peak(self) -> int:
+        """Allocated bytes' peak since the last reset (reserved bytes' kept in ``reserved``)."""
+        self.reserved = max(self.reserved, torch.cuda.max_memory_reserved())
+        return torch.cuda.max_memory_allocated()
+
+    def end_iteration(self) -> None:
+        self.optimizer_step = max(self.optimizer_step, self._peak())
+
+    @property
+    def overall(self) -> int:
+        return max(self.build, self.forward_backward, self.optimizer_step)
+
+
+def adam_kernel(engine) -> str:
+    """The estimator's name for the engine's Adam: ``foreach`` where a torch Adam(W) runs
+    unfused (megatron-core's fallback as it builds it), else ``fused``."""
+    adams = [opt.optimizer for opt in torch_adam.inner_optimizers(engine.optimizer)
+             if torch_adam.is_torch_adam(opt.optimizer)]
+    return "foreach" if any(not adam.defaults.get("fused") for adam in adams) else "fused"
+
+
 def measure(shape: harness.Shape, num_layers: int, variant: str, data: Path, device: str, iterations: int) -> dict:
-    """Peak allocated / reserved bytes of ``iterations`` driver iterations (None on the CPU)."""
+    """Peak allocated / reserved bytes of ``iterations`` driver iterations, overall and per
+    phase (None on the CPU)."""
     flags = harness.Shape(**{**vars(shape), "num_layers": num_layers}).flags()
     args = harness.driver_args(flags + ["--train-iters", str(iterations)] + list(harness.METHOD_FLAGS[variant]),
                                data, device)
     engine, batches = harness.build_run(args, padded_vocab_size(harness.GPT2_VOCAB_SIZE, args.make_vocab_size_divisible_by))
-    losses = [harness.train_iteration(engine, batches).loss for _ in range(iterations)]
     cuda = args.use_cuda
+    phases = PhasePeaks(engine) if cuda else None
+    losses = []
+    for _ in range(iterations):
+        losses.append(harness.train_iteration(engine, batches).loss)
+        if phases is not None:
+            phases.end_iteration()
     point = {
-        "layers": num_layers, "last_loss": losses[-1],
-        "peak_allocated": torch.cuda.max_memory_allocated() if cuda else None,
-        "peak_reserved": torch.cuda.max_memory_reserved() if cuda else None,
+        "layers": num_layers, "last_loss": losses[-1], "adam_kernel": adam_kernel(engine),
+        "peak_allocated": phases.overall if cuda else None,
+        "peak_forward_backward": phases.forward_backward if cuda else None,
+        "peak_optimizer_step": phases.optimizer_step if cuda else None,
+        "peak_reserved": phases.reserved if cuda else None,
     }
     del engine, batches
     harness.free_memory()
@@ -90,27 +149,53 @@ def try_measure(*args) -> Optional[dict]:
     return None
 
 
-def fit_line(points: list[dict]) -> tuple[float, float]:
-    """Least-squares ``peak = a + b * layers`` -> (a, b)."""
-    b, a = np.polyfit([p["layers"] for p in points], [p["peak_allocated"] for p in points], 1)
+def fit_line(points: list[dict], key: str = "peak_allocated") -> tuple[float, float]:
+    """Least-squares ``points[key] = a + b * layers`` -> (a, b)."""
+    b, a = np.polyfit([p["layers"] for p in points], [p[key] for p in points], 1)
     return float(a), float(b)
 
 
+def _estimates(shape: harness.Shape, variant: str, layers: int, adam: str) -> em.MemoryEstimate:
+    layout = em.Layout(micro_batch_size=shape.micro_batch_size, precision="bf16", adam_kernel=adam)
+    return em.estimate(estimator_model(shape, layers, variant), layout)
+
+
+def _phase_line(points: list[dict], key: str, one: float, two: float) -> dict:
+    """The measured line of one phase beside the estimator's (``one``, ``two``: its peaks at 1 and 2 layers)."""
+    a, b = fit_line(points, key)
+    return {"measured_per_layer_gib": b / GIB, "measured_fixed_gib": a / GIB,
+            "estimated_per_layer_gib": (two - one) / GIB, "estimated_fixed_gib": (2 * one - two) / GIB}
+
+
 def correction(shape: harness.Shape, variant: str, points: list[dict]) -> dict:
-    """The measured line against the estimator's for the same runs (bytes)."""
-    layout = em.Layout(micro_batch_size=shape.micro_batch_size, precision="bf16")
+    """The measured lines, overall and per phase, against the estimator's for the same runs.
+
+    The forward-backward phase gives the activation ratio (measured activations per layer
+    over the estimator's) and the unmodelled constant; the optimizer step gives the
+    temporaries per parameter of the run's Adam kernel.
+    """
+    adam = points[0].get("adam_kernel", "fused")
     for p in points:
-        p["estimated_peak"] = em.estimate(estimator_model(shape, p["layers"], variant), layout).peak
-    one, two = (em.estimate(estimator_model(shape, n, variant), layout) for n in (1, 2))
-    est_per_layer = two.peak - one.peak
-    state_per_layer = (two.weights + two.gradients + two.optimizer) - (one.weights + one.gradients + one.optimizer)
-    a, b = fit_line(points)
-    return {
-        "measured_per_layer_gib": b / GIB, "measured_fixed_gib": a / GIB,
-        "estimated_per_layer_gib": est_per_layer / GIB, "estimated_fixed_gib": (one.peak - est_per_layer) / GIB,
-        "activation_ratio": (b - state_per_layer) / one.activations_per_layer,
-        "unmodelled_constant_gib": (a - (one.peak - est_per_layer)) / GIB,
-    }
+        p["estimated_peak"] = _estimates(shape, variant, p["layers"], adam).peak
+    one, two = (_estimates(shape, variant, n, adam) for n in (1, 2))
+    result = {"adam_kernel": adam, **_phase_line(points, "peak_allocated", one.peak, two.peak)}
+    if not all(p.get("peak_forward_backward") for p in points):
+        return result  # no per-phase peaks
+    state_per_layer = two.model_state - one.model_state
+    forward_backward = _phase_line(points, "peak_forward_backward", one.model_state + one.activations,
+                                   two.model_state + two.activations)
+    b = forward_backward["measured_per_layer_gib"] * GIB
+    forward_backward["activation_ratio"] = (b - state_per_layer) / one.activations_per_layer
+    forward_backward["unmodelled_constant_gib"] = (
+        forward_backward["measured_fixed_gib"] - forward_backward["estimated_fixed_gib"])
+    optimizer_step = _phase_line(points, "peak_optimizer_step", one.model_state + one.optimizer_step_temporaries,
+                                 two.model_state + two.optimizer_step_temporaries)
+    b = optimizer_step["measured_per_layer_gib"] * GIB
+    optimizer_step["temporary_bytes_per_parameter"] = (
+        (b - state_per_layer) / (two.parameters_per_gpu - one.parameters_per_gpu))
+    return {**result, "forward_backward": forward_backward, "optimizer_step": optimizer_step,
+            "activation_ratio": forward_backward["activation_ratio"],
+            "unmodelled_constant_gib": forward_backward["unmodelled_constant_gib"]}
 
 
 def extrapolate(corrections: dict[str, dict], configs: list[Path], num_gpus: int) -> dict:
@@ -124,8 +209,8 @@ def extrapolate(corrections: dict[str, dict], configs: list[Path], num_gpus: int
         c = corrections[source]
         model, layout = em.from_args(em.parse_args(["--config", str(path), "--num-gpus", str(num_gpus)]))
         est = em.estimate(model, layout)
-        state = est.weights + est.gradients + est.optimizer
-        corrected = state + c["activation_ratio"] * est.activations + c["unmodelled_constant_gib"] * GIB
+        activations = c["activation_ratio"] * est.activations + c["unmodelled_constant_gib"] * GIB
+        corrected = est.model_state + max(activations, est.optimizer_step_temporaries)
         layouts[path.name] = {
             "layout": f"TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "
                       f"DP={layout.data_parallel_size} micro-batch {layout.micro_batch_size} on {num_gpus} GPUs",

@@ -22,10 +22,20 @@ the most loaded pipeline stage:
   attention (the default: Transformer Engine and torch SDPA do not store the scores).
   The first stage holds the activations of every micro-batch in flight under the 1F1B
   schedule (``p`` of them, ``p + (p-1)/v`` chunks' worth when interleaved); the last
-  stage adds the logits and the fp32 softmax of the loss (``6sbv/t`` bytes);
-* peak: model state plus activations of the worse stage. CUDA context, NCCL buffers,
-  communication buckets and allocator fragmentation are not included: keep 10-15 %
-  of the GPU free for them.
+  stage adds the logits and the fp32 softmax of the loss (``6sbv/t`` bytes) and, with
+  WeSaR, what its gate on the output layer saves;
+* the optimizer step's temporaries: none for a fused Adam (APEX's or Transformer
+  Engine's in NVIDIA's container, or torch's fused AdamW, which the driver's GPU engine
+  selects without them); torch's foreach AdamW (``--adam-kernel foreach``, megatron-core's
+  fallback as it builds it) allocates ``sqrt(v)`` for every parameter it updates, 4 bytes
+  each, all at once;
+* peak: model state plus the larger of the two phases, activations at the turn from
+  forward to backward or the optimizer step's temporaries, on the worse stage. CUDA
+  context, NCCL buffers, communication buckets and allocator fragmentation are not
+  included: keep 10-15 % of the GPU free for them.
+
+On one H200 the 13B layer shape's peaks (bench/memory_13b.py, 1 to 18 layers) were the
+foreach optimizer step's, within 0.5 % of this model (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ import yaml
 
 GIB = 1024**3
 PRECISIONS = ("bf16", "fp16", "fp32")
+ADAM_KERNELS = ("fused", "foreach")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
 
@@ -132,7 +143,9 @@ class Layout:
 
     ``activation_fusion``: megatron's fused bias-GeLU / bias-SwiGLU (the driver's CUDA
     default); with it and without TP, NormFormer's FFN norm is compiled into the same
-    kernel and saves no input of its own.
+    kernel and saves no input of its own. ``adam_kernel``: ``fused`` (what the driver runs)
+    or ``foreach`` (torch's multi-tensor AdamW, which megatron-core builds without APEX or
+    Transformer Engine).
     """
 
     tensor_model_parallel_size: int = 1
@@ -148,6 +161,7 @@ class Layout:
     precision: str = "bf16"
     flash_attention: bool = True
     activation_fusion: bool = True
+    adam_kernel: str = "fused"
 
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -158,6 +172,8 @@ class Layout:
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.adam_kernel not in ADAM_KERNELS:
+            raise ValueError(f"--adam-kernel must be one of {ADAM_KERNELS}, got {self.adam_kernel!r}")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if self.global_batch_size is not None and self.global_batch_size % (self.micro_batch_size * self.data_parallel_size):
@@ -279,6 +295,19 @@ def state_bytes_per_parameter(layout: Layout) -> dict[str, float]:
     return {"weights": weights, "gradients": grads, "optimizer": optimizer}
 
 
+def optimizer_step_bytes_per_parameter(layout: Layout) -> float:
+    """Bytes per parameter the optimizer step allocates on top of the model state.
+
+    torch's foreach AdamW computes ``sqrt(v_hat) + eps`` as a new fp32 tensor for every
+    parameter of a device and dtype in one call (``torch._foreach_sqrt``), so for the whole
+    step; under the distributed optimizer a rank updates only its ``1/d`` of them. A fused
+    kernel updates in place.
+    """
+    if layout.adam_kernel == "fused":
+        return 0.0
+    return 4.0 / (layout.data_parallel_size if layout.use_distributed_optimizer else 1)
+
+
 def layer_activation_bytes(model: ModelShape, layout: Layout) -> float:
     """Bytes one decoder layer stores for the backward pass of one micro-batch.
 
@@ -352,16 +381,26 @@ def inflight_microbatches(layout: Layout) -> int:
 
 
 def logits_bytes(model: ModelShape, layout: Layout) -> float:
-    """The last stage's output-layer input, 16-bit logits and fp32 softmax for one micro-batch."""
+    """The last stage's output-layer input, 16-bit logits and fp32 softmax for one micro-batch.
+
+    With WeSaR the output layer's gate saves its product too (as a decoder linear's does,
+    :func:`scaled_linear_saved_elements`): the effective weight ``[v/t, h]`` or the
+    ungated logits ``[sb, v/t]``, whichever is smaller.
+    """
     s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tensor_model_parallel_size
     vocab = model.padded_vocab_size
     hidden = 2 * s * b * h / (t if layout.sequence_parallel else 1)
-    return hidden + 6 * s * b * vocab / t
+    gated = 2 * vocab / t * min(h, s * b) if model.wesar else 0.0
+    return hidden + 6 * s * b * vocab / t + gated
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """What one GPU of the fuller stage holds; bytes unless named otherwise."""
+    """What one GPU of the fuller stage holds; bytes unless named otherwise.
+
+    ``peak_phase`` is ``"forward-backward"`` when the activations at the turn from forward
+    to backward exceed the optimizer step's temporaries, else ``"optimizer step"``.
+    """
 
     total_parameters: int
     parameters_per_gpu: int
@@ -370,12 +409,18 @@ class MemoryEstimate:
     optimizer: float
     activations_per_layer: float
     activations: float
+    optimizer_step_temporaries: float
     peak: float
     peak_stage: int
+    peak_phase: str
+
+    @property
+    def model_state(self) -> float:
+        return self.weights + self.gradients + self.optimizer
 
 
 def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
-    """Per-GPU memory of the pipeline stage whose model state plus activations is largest."""
+    """Per-GPU memory of the pipeline stage whose model state plus its larger phase is largest."""
     per_param = state_bytes_per_parameter(layout)
     per_layer = layer_activation_bytes(model, layout)
     params = stage_parameters(model, layout)
@@ -389,8 +434,9 @@ def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
     if len(params) > 1:
         activations[-1] += per_layer * stage_layers(model, layout)[-1]
     activations[-1] += logits_bytes(model, layout)
+    temporaries = [n * optimizer_step_bytes_per_parameter(layout) for n in params]
     state = [n * sum(per_param.values()) for n in params]
-    peaks = [s + a for s, a in zip(state, activations)]
+    peaks = [s + max(a, o) for s, a, o in zip(state, activations, temporaries)]
     stage = max(range(len(peaks)), key=peaks.__getitem__)
     return MemoryEstimate(
         total_parameters=total_parameters(model),
@@ -400,8 +446,10 @@ def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
         optimizer=params[stage] * per_param["optimizer"],
         activations_per_layer=per_layer,
         activations=activations[stage],
+        optimizer_step_temporaries=temporaries[stage],
         peak=peaks[stage],
         peak_stage=stage,
+        peak_phase="forward-backward" if activations[stage] >= temporaries[stage] else "optimizer step",
     )
 
 
@@ -437,6 +485,10 @@ def build_parser() -> argparse.ArgumentParser:
         layout.add_argument(f"--{flag}", action="store_true", default=None)
     layout.add_argument("--no-flash-attention", action="store_true", default=None,
                         help="count the 5as^2b bytes of materialised attention scores")
+    layout.add_argument("--adam-kernel", choices=ADAM_KERNELS, default="fused",
+                        help="fused: what pretrain_gpt.py runs (APEX's or Transformer Engine's FusedAdam, else "
+                             "torch's fused AdamW); foreach: torch's multi-tensor AdamW, megatron-core's fallback "
+                             "as it builds it, with a 4-byte temporary per parameter in the step")
     for flag in ("bias-gelu-fusion", "bias-swiglu-fusion"):
         layout.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                             help="as pretrain_gpt.py (default: on, the CUDA default)")
@@ -494,6 +546,7 @@ def from_args(args: argparse.Namespace) -> tuple[ModelShape, Layout]:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         flash_attention=not args.no_flash_attention,
         activation_fusion=_activation_fusion(args),
+        adam_kernel=args.adam_kernel,
     )
     return model, layout
 
@@ -518,7 +571,10 @@ def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
         (f"optimizer ({per_param['optimizer']:g} B/param)", f"{result.optimizer / GIB:.2f} GiB"),
         ("activations per layer", f"{result.activations_per_layer / GIB:.2f} GiB  (one micro-batch)"),
         ("activations", f"{result.activations / GIB:.2f} GiB"),
-        ("peak per GPU", f"{result.peak / GIB:.2f} GiB  (+ CUDA context, NCCL buffers, fragmentation)"),
+        ("optimizer-step temporaries", f"{result.optimizer_step_temporaries / GIB:.2f} GiB  "
+                                       f"({optimizer_step_bytes_per_parameter(layout):g} B/param, {layout.adam_kernel} Adam)"),
+        ("peak per GPU", f"{result.peak / GIB:.2f} GiB  (at the {result.peak_phase}; + CUDA context, NCCL buffers, "
+                         "fragmentation)"),
     ]
     header = (f"layout: TP={layout.tensor_model_parallel_size} PP={layout.pipeline_model_parallel_size} "
               f"DP={layout.data_parallel_size} on {layout.num_gpus} GPUs, micro-batch {layout.micro_batch_size}, "

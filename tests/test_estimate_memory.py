@@ -5,10 +5,13 @@ from __future__ import annotations
 import dataclasses
 import subprocess
 import sys
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 from model_utils import LLAMA_LIKE, SEQ, VOCAB, batch, build, forward_loss, tiny_config
 from mp_utils import run_distributed
 
@@ -187,9 +190,9 @@ def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, t
     assert args.data_parallel_size == 8 // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
 
 
-def saved_layer_bytes(model: torch.nn.Module, data: dict) -> int:
-    """Bytes the first decoder layer saves for the backward, parameters and buffers excluded,
-    each storage counted once."""
+def saved_layer_bytes(model: torch.nn.Module, data: dict, module: torch.nn.Module | None = None) -> int:
+    """Bytes ``module`` (default: the first decoder layer) saves for the backward, parameters
+    and buffers excluded, each storage counted once."""
     excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
@@ -200,7 +203,7 @@ def saved_layer_bytes(model: torch.nn.Module, data: dict) -> int:
         return tensor
 
     hooks = torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor)
-    layer = model.decoder.layers[0]
+    layer = model.decoder.layers[0] if module is None else module
     layer.register_forward_pre_hook(lambda *args: hooks.__enter__())
     layer.register_forward_hook(lambda *args: hooks.__exit__(None, None, None))
     forward_loss(model, data)
@@ -256,6 +259,82 @@ def test_saved_elements_of_scaled_linears_match_a_built_layer(case, micro_batch)
     config = tiny_config()
     per_feature_scales = 3 * config.hidden_size + 2 * config.ffn_hidden_size  # the gate vectors themselves
     assert expected <= measured <= expected + per_feature_scales
+
+
+@pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("micro_batch", [2, 8], ids=["on-logits", "folded-into-weight"])
+def test_wesar_output_layer_saves_what_the_estimator_adds_to_the_logits(micro_batch):
+    """16 x micro-batch token rows against 64 hidden features: the output layer's gate saves
+    the ungated logits or the effective weight, and the estimator's last stage adds that."""
+    data = batch(batch_size=micro_batch)
+    saved = {}
+    for case in ("gpt", "gpt+wesar"):
+        model = build_case(case)
+        saved[case] = saved_layer_bytes(model, data, model.output_layer)
+    measured = (saved["gpt+wesar"] - saved["gpt"]) // 4  # fp32 elements
+    layout = em.Layout(micro_batch_size=micro_batch, precision="fp32")
+    expected = (em.logits_bytes(shape_of("gpt+wesar"), layout) - em.logits_bytes(shape_of("gpt"), layout)) / 2
+    assert expected == VOCAB * min(tiny_config().hidden_size, SEQ * micro_batch)
+    assert expected <= measured <= expected + 1  # + the gate
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Peak bytes of the tensors that ops allocate while the mode is on (outputs sharing no
+    input's storage), each released when its tensor is."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.live = self.peak = 0
+
+    def _release(self, nbytes: int) -> None:
+        self.live -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs)) if torch.is_tensor(t)}
+        for tensor in pytree.tree_leaves(out):
+            if torch.is_tensor(tensor) and tensor.untyped_storage().data_ptr() not in inputs:
+                nbytes = tensor.untyped_storage().nbytes()
+                self.live += nbytes
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(tensor, self._release, nbytes)
+        return out
+
+
+@pytest.mark.parametrize("kernel", em.ADAM_KERNELS)
+def test_optimizer_step_temporaries_are_what_torch_adamw_allocates(kernel):
+    """The estimator's bytes per parameter against the peak of what one AdamW step allocates
+    over fp32 parameters (the second step: the first creates the state)."""
+    params = [torch.nn.Parameter(torch.zeros(shape)) for shape in ((300, 200), (200,), (1000, 50), ())]
+    optimizer = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.1, **{kernel: True})
+    for _ in range(2):
+        for param in params:
+            param.grad = torch.full_like(param, 1e-3)
+        mode = AllocatedBytes()
+        with mode:
+            optimizer.step()
+    per_parameter = em.optimizer_step_bytes_per_parameter(em.Layout(adam_kernel=kernel))
+    assert mode.peak == per_parameter * sum(p.numel() for p in params)
+
+
+def test_peak_is_model_state_plus_the_larger_phase():
+    """The 13B layer shape at 18 layers (bench/memory_13b.py's largest run on an H200): the
+    foreach optimizer step's temporaries outgrow the activations; a fused Adam has none;
+    the distributed optimizer divides them by the data-parallel size."""
+    model = dataclasses.replace(GPT_13B, num_layers=18, ffn_hidden_size=20480)
+    fused = em.estimate(model, em.Layout(micro_batch_size=2))
+    foreach = em.estimate(model, em.Layout(micro_batch_size=2, adam_kernel="foreach"))
+    assert fused.optimizer_step_temporaries == 0 and fused.peak_phase == "forward-backward"
+    assert fused.peak == fused.model_state + fused.activations
+    assert foreach.optimizer_step_temporaries == 4 * foreach.parameters_per_gpu > foreach.activations
+    assert foreach.peak_phase == "optimizer step"
+    assert foreach.peak == foreach.model_state + foreach.optimizer_step_temporaries
+    sharded = em.estimate(model, em.Layout(micro_batch_size=2, adam_kernel="foreach", num_gpus=8,
+                                           use_distributed_optimizer=True))
+    assert sharded.optimizer_step_temporaries == pytest.approx(foreach.optimizer_step_temporaries / 8)
+    with pytest.raises(ValueError, match="--adam-kernel"):
+        em.Layout(adam_kernel="apex")
 
 
 @pytest.mark.parametrize("flags, fused", [
