@@ -35,7 +35,8 @@ the most loaded pipeline stage:
   included: keep 10-15 % of the GPU free for them.
 
 On one H200 the 13B layer shape's peaks (bench/memory_13b.py, 1 to 18 layers) were the
-foreach optimizer step's, within 0.5 % of this model (docs/RESULTS.md).
+foreach optimizer step's or, for all three methods at 1-4 layers, the activations, each
+within 0.7 % of this model (docs/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -399,7 +400,7 @@ class MemoryEstimate:
     """What one GPU of the fuller stage holds; bytes unless named otherwise.
 
     ``peak_phase`` is ``"forward-backward"`` when the activations at the turn from forward
-    to backward exceed the optimizer step's temporaries, else ``"optimizer step"``.
+    to backward are at least the optimizer step's temporaries, else ``"optimizer step"``.
     """
 
     total_parameters: int
