@@ -54,11 +54,16 @@ class Shape:
     micro_batch_size: int
     ffn_hidden_size: int | None = None
 
+    @property
+    def ffn_size(self) -> int:
+        """FFN width: ``ffn_hidden_size``, else 4h."""
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
     def flags(self) -> list[str]:
         return [
             "--num-layers", str(self.num_layers), "--hidden-size", str(self.hidden_size),
             "--num-attention-heads", str(self.num_attention_heads), "--seq-length", str(self.seq_length),
-            "--ffn-hidden-size", str(self.ffn_hidden_size or 4 * self.hidden_size),
+            "--ffn-hidden-size", str(self.ffn_size),
             "--micro-batch-size", str(self.micro_batch_size),
         ]
 

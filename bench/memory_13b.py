@@ -104,9 +104,8 @@ class PhasePeaks:
 def adam_kernel(engine) -> str:
     """The estimator's name for the engine's Adam: ``foreach`` where a torch Adam(W) runs
     unfused (megatron-core's fallback as it builds it), else ``fused``."""
-    adams = [opt.optimizer for opt in torch_adam.inner_optimizers(engine.optimizer)
-             if torch_adam.is_torch_adam(opt.optimizer)]
-    return "foreach" if any(not adam.defaults.get("fused") for adam in adams) else "fused"
+    unfused = [adam for adam in torch_adam.torch_adams(engine.optimizer) if not adam.defaults.get("fused")]
+    return "foreach" if unfused else "fused"
 
 
 def measure(shape: harness.Shape, num_layers: int, variant: str, data: Path, device: str, iterations: int) -> dict:

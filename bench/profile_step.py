@@ -239,7 +239,7 @@ def _leaves(*tensors: torch.Tensor) -> list[torch.Tensor]:
 def weight_scale_primitives(shape: harness.Shape, device: torch.device, dtype: torch.dtype) -> dict:
     """WeSaR's gates and NormFormer's head scale on the shape's weights, forward and backward:
     eager (the default) against compiled (``--weight-scale-fusion``)."""
-    h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
+    h, f = shape.hidden_size, shape.ffn_size
     cases = {  # label: (rows, columns, scale length, dim)
         f"one gate, fc1 {f}x{h}": (f, h, 1, 0),
         f"a gate per row, QKV {3 * h}x{h}": (3 * h, h, 3 * h, 0),
@@ -262,7 +262,7 @@ def ffn_norm_primitives(shape: harness.Shape, device: torch.device, dtype: torch
     backward: the baseline's activation alone, the compiled activation + LayerNorm the
     library runs, the same compiled with inductor's multi-kernel (persistent reductions
     tried against looped ones), and the compiled activation followed by torch's LayerNorm."""
-    f = shape.ffn_hidden_size or 4 * shape.hidden_size
+    f = shape.ffn_size
     tokens = shape.seq_length * shape.micro_batch_size
     x, bias, weight, norm_bias = _leaves(torch.randn(tokens, f, device=device, dtype=dtype),
                                          torch.randn(f, device=device, dtype=dtype),
@@ -289,7 +289,7 @@ def adam_primitives(shape: harness.Shape, vocab_size: int, device: torch.device)
     """One AdamW update over fp32 tensors of the shape's parameter sizes (the mixed-precision
     optimizer's main parameters): torch's foreach kernels (megatron-core's fallback as it
     builds it) against the fused kernel the GPU engine switches it to."""
-    h, f = shape.hidden_size, shape.ffn_hidden_size or 4 * shape.hidden_size
+    h, f = shape.hidden_size, shape.ffn_size
     layer = [(3 * h, h), (3 * h,), (h, h), (h,), (f, h), (f,), (h, f), (h,)] + [(h,)] * 4
     sizes = layer * shape.num_layers + [(vocab_size, h), (shape.seq_length, h), (h,), (h,)]
     count = sum(math.prod(size) for size in sizes)

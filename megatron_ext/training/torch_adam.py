@@ -32,6 +32,11 @@ def is_torch_adam(torch_optimizer: torch.optim.Optimizer) -> bool:
     return isinstance(torch_optimizer, (torch.optim.Adam, torch.optim.AdamW))
 
 
+def torch_adams(optimizer: Any) -> list[torch.optim.Optimizer]:
+    """torch's own Adam(W)s inside ``optimizer`` (APEX's or TE's FusedAdam are not among them)."""
+    return [opt.optimizer for opt in inner_optimizers(optimizer) if is_torch_adam(opt.optimizer)]
+
+
 def _step_device(group: dict, param: torch.Tensor) -> torch.device:
     """Where the group's kernel reads ``step``: the parameter's device for the fused (or
     capturable) kernel, the host for the others."""
@@ -62,7 +67,7 @@ def fuse(optimizer: Any) -> int:
     moves existing ``step`` tensors to their parameters' devices. Idempotent; optimizers
     of other kinds (APEX's or TE's FusedAdam) are left alone.
     """
-    adams = [opt.optimizer for opt in inner_optimizers(optimizer) if is_torch_adam(opt.optimizer)]
+    adams = torch_adams(optimizer)
     for adam in adams:
         adam.defaults.update(fused=True, foreach=False)
         for group in adam.param_groups:
