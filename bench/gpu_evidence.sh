@@ -7,6 +7,7 @@
 #   bash bench/gpu_evidence.sh check+memory speed     # device call 1 (at most about 7 minutes)
 #   bash bench/gpu_evidence.sh convergence            # device call 2, while warm (about 5.5 minutes)
 #   bash bench/gpu_evidence.sh speed profile          # the fixes' measurement (at most about 7.5 minutes)
+#   bash bench/gpu_evidence.sh accumulation           # once per step against per micro batch (at most 3.5 minutes)
 #
 # Stages named together with '+' run side by side (check and memory: the memory stage
 # measures each process's own peak allocation, which the other process does not change,
@@ -14,10 +15,11 @@
 # Stages: check (a 20-iteration pretrain_gpt.py run of the convergence model with all three
 # methods, saved at 10 and resumed from there: the GPU path works, resumes exactly, and its
 # tokens/s), speed (bench/step_time.py), profile (bench/profile_step.py: where the 1.3B
-# overheads go), memory (bench/memory_13b.py), convergence (7
+# overheads go), accumulation (bench/profile_step.py with 4 micro batches per iteration: the
+# weight-side scales once per step against per micro batch), memory (bench/memory_13b.py), convergence (7
 # pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each stage runs
-# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT
-# seconds) so that one call never reaches the device's 600 s limit and the results so far
+# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT, ACCUMULATION_TIMEOUT,
+# MEMORY_TIMEOUT, CONV_TIMEOUT seconds) so that one call never reaches the device's 600 s limit and the results so far
 # always come back; step_time.py writes its JSON after every variant. A failing stage does not
 # stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
 # the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl (not the
@@ -38,6 +40,7 @@ CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-240}
 MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-210}
+ACCUMULATION_TIMEOUT=${ACCUMULATION_TIMEOUT:-200}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"
@@ -107,6 +110,12 @@ stage_profile() {  # phases, kernels, host ops and synchronisations of the 1.3B 
         --variants baseline wesar wesar+scale-fusion normformer normformer+scale-fusion all all+scale-fusion
 }
 
+stage_accumulation() {  # 4 micro batches per iteration: once per step (the default) against +per-micro-batch
+    timeout "$ACCUMULATION_TIMEOUT" python3 bench/profile_step.py --shapes 1.3b --micro-batches 4 --warmup 3 \
+        --iters 5 --profile-iters 1 --output "$OUT/accumulation.json" \
+        --variants baseline wesar wesar+per-micro-batch all all+per-micro-batch
+}
+
 stage_memory() {  # MEMORY_FILL (default 0.9) leaves room for a stage beside it (check: a few GiB)
     timeout "$MEMORY_TIMEOUT" python3 bench/memory_13b.py --fill "${MEMORY_FILL:-0.9}" --output "$OUT/memory_13b.json"
 }
@@ -152,12 +161,14 @@ for name, v in r['variants'].items():
                                 'estimated', gib(p.get('estimated_peak')), p.get('adam_kernel'), 'Adam')
     print(name, {k: x for k, x in v.items() if k != 'points'})
 print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
-    [ -f "$OUT/profile.json" ] && python3 -c "import json; r = json.load(open('$OUT/profile.json'))
+    for profile in profile accumulation; do [ -f "$OUT/$profile.json" ] && python3 -c "import json; r = json.load(open('$OUT/$profile.json'))
+print('$profile: micro batches per iteration', r.get('micro_batches', 1))
 for shape, results in r['shapes'].items():
     for name, v in results.items():
         if name != 'primitives': print(shape, name, {k: round(v[k], 1) for k in ('iteration_ms', 'forward_backward_ms', 'optimizer_ms')},
                                        'synchronisations', sum(n for s, n in v.get('synchronizing_calls', {}).items() if s != 'error'))
     for name, v in results.get('primitives', {}).items(): print(shape, name, 'GPU ms %.3f, host ms %.3f' % (v['gpu_ms'], v['host_ms']))"
+    done
     [ -f "$OUT/convergence.md" ] && cat "$OUT/convergence.md"
 }
 

@@ -5,9 +5,12 @@
     python bench/profile_step.py --device cpu --tiny --output /tmp/profile.json   # CPU smoke test
 
 For each variant (a name of :data:`harness.METHOD_FLAGS`, optionally with ``+dopt`` for
-``--use-distributed-optimizer``, ``+eager`` for no fused bias-dropout-add / bias-GeLU or
-``+scale-fusion`` for ``--weight-scale-fusion``) the
-driver's engine is built as in ``bench/step_time.py`` and, after ``--warmup`` iterations:
+``--use-distributed-optimizer``, ``+eager`` for no fused bias-dropout-add / bias-GeLU,
+``+scale-fusion`` for ``--weight-scale-fusion`` or ``+per-micro-batch`` for
+``--no-weight-scale-once-per-step``) the driver's engine is built as in
+``bench/step_time.py``, with ``--micro-batches`` micro batches per iteration (default 1;
+from 2 the weight-side scales are applied once per step unless ``+per-micro-batch``),
+and, after ``--warmup`` iterations:
 
 * phases: ``--iters`` iterations timed whole and in their forward-backward part (the
   engine's schedule call, synchronised on both sides); the rest is the optimizer step
@@ -60,6 +63,7 @@ SUFFIX_FLAGS = {
     "dopt": ("--use-distributed-optimizer",),
     "eager": ("--no-bias-dropout-fusion", "--no-bias-gelu-fusion"),
     "scale-fusion": ("--weight-scale-fusion",),
+    "per-micro-batch": ("--no-weight-scale-once-per-step",),
 }
 TOP = 25
 
@@ -183,7 +187,8 @@ def difference(table: dict, base: dict, n: int = TOP) -> dict:
 
 
 def measure_variant(shape: harness.Shape, spec: str, data: Path, args: argparse.Namespace) -> dict:
-    flags = shape.flags() + ["--train-iters", str(args.warmup + args.iters + args.profile_iters + 1)]
+    flags = shape.flags() + ["--train-iters", str(args.warmup + args.iters + args.profile_iters + 1),
+                             "--global-batch-size", str(args.micro_batches * shape.micro_batch_size)]
     method_flags = variant_flags(spec)
     driver = harness.driver_args(flags + method_flags, data, args.device)
     engine, batches = harness.build_run(driver, padded_vocab_size(harness.GPT2_VOCAB_SIZE,
@@ -320,6 +325,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", nargs="+", default=["1.3b"], help="of step_time.py's shapes")
     parser.add_argument("--variants", nargs="+", default=["baseline", "wesar", "normformer"],
                         help="NAME[+SUFFIX...]; the first is the one the others are set against")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro batches per iteration (gradient accumulation; the global batch is this "
+                             "times the shape's micro batch)")
     parser.add_argument("--warmup", type=int, default=6)
     parser.add_argument("--iters", type=int, default=10, help="iterations timed in phases")
     parser.add_argument("--profile-iters", type=int, default=3)
@@ -333,10 +341,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     harness.start_logging()
     for spec in args.variants:
         variant_flags(spec)
-    if args.warmup < 0 or args.iters < 1 or args.profile_iters < 1:
-        raise SystemExit("--warmup must be >= 0, --iters and --profile-iters >= 1")
+    if args.warmup < 0 or args.iters < 1 or args.profile_iters < 1 or args.micro_batches < 1:
+        raise SystemExit("--warmup must be >= 0, --iters, --profile-iters and --micro-batches >= 1")
     shapes = step_time.select_shapes(None if args.tiny else args.shapes, args.tiny)
-    report: dict = {"torch": torch.__version__, "shapes": {}}
+    report: dict = {"torch": torch.__version__, "micro_batches": args.micro_batches, "shapes": {}}
     with tempfile.TemporaryDirectory() as tmp:
         data = harness.write_synthetic_dataset(Path(tmp) / "tokens", harness.GPT2_VOCAB_SIZE, 64,
                                                2 * max(s.seq_length for s in shapes))

@@ -10,9 +10,18 @@ the activation the scale would multiply has features (every linear of the 125M t
 1.3B examples; not q/k/v and fc1 of the 13B example, whose 5120 inputs exceed its
 4096 token rows per micro-batch). :func:`scale_weight` does the weight side: eagerly with
 the scale's gradient as dot products, or fused (``torch.compile``, one kernel each way).
+
+With gradient accumulation the weight side can be paid once per optimizer step instead of
+once per micro batch (:class:`StepScale`, :func:`once_per_step`): ``s * W`` is computed at
+the step's first forward and reused, the weight accumulates the unscaled gradient
+``T = sum_m G_m``, and the last micro batch's backward turns it into the gradients of the
+scaled form, ``d W = s * T`` and ``d s_i = <T_i, W_i>``.
 """
 
 from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Optional
 
 import torch
 from megatron.core.jit import jit_fuser
@@ -67,12 +76,21 @@ class _ScaleRows(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             grad_weight = _times(grad, scale)
         if ctx.needs_input_grad[1]:
-            if scale.numel() == 1:
-                grad_scale = torch.dot(grad.reshape(-1), weight.reshape(-1)).view(1)
-            else:
-                accumulate = torch.promote_types(grad.dtype, torch.float32)
-                grad_scale = (grad * weight).sum(1, dtype=accumulate).to(scale.dtype)
+            grad_scale = _row_dots(grad, weight, scale.numel()).to(scale.dtype)
         return grad_weight, grad_scale
+
+
+def _row_dots(grad: torch.Tensor, weight: torch.Tensor, rows: int) -> torch.Tensor:
+    """``<grad_i, weight_i>`` for each row (``rows == 1``: over the whole tensor), shape ``[rows]``.
+
+    One value of two same-typed tensors is ``torch.dot``; otherwise the products are
+    summed along each row in at least fp32 (the faster form on an H200, docs/RESULTS.md).
+    """
+    if rows == 1 and grad.dtype == weight.dtype and grad.is_contiguous() and weight.is_contiguous():
+        return torch.dot(grad.reshape(-1), weight.reshape(-1)).view(1)
+    accumulate = torch.promote_types(torch.promote_types(grad.dtype, weight.dtype), torch.float32)
+    products = grad * weight
+    return products.sum(dtype=accumulate).view(1) if rows == 1 else products.sum(1, dtype=accumulate)
 
 
 def scaled_rows(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -97,3 +115,153 @@ def scale_weight(weight: torch.Tensor, scale: torch.Tensor, dim: int = 0, fused:
     rows = weight.transpose(0, dim)
     scaled = fused_scaled_rows(rows, scale) if fused else _ScaleRows.apply(rows, scale)
     return scaled.transpose(0, dim)
+
+
+def _accumulated_gradient(param: torch.Tensor) -> Optional[torch.Tensor]:
+    """The gradient ``param`` has accumulated so far this step: megatron-core DDP's fp32
+    ``main_grad`` where the parameter has one, else autograd's ``grad`` (None before any)."""
+    main_grad = getattr(param, "main_grad", None)
+    return main_grad if main_grad is not None else param.grad
+
+
+class StepScale:
+    """Where one per-feature scale of a linear meets its weight, per micro batch or once per step.
+
+    Outside :func:`once_per_step` it is :func:`scale_weight`. Inside, for a step of ``M``
+    micro batches (paper formulas unchanged; this is only the order of the arithmetic):
+
+    - forward: ``W_s = s * W`` is computed at the step's first forward and every micro
+      batch's matmul uses it (one copy for the step, however many micro batches are in flight);
+    - backward of micro batches 1..M-1: ``W_s``'s gradient ``G_m`` goes to ``W`` unchanged,
+      so the weight's gradient accumulator holds ``A = sum_m G_m`` (megatron-core's DDP
+      adds each into the fp32 ``main_grad``), and ``s`` gets zeros;
+    - backward of micro batch ``M``: with ``T = A + G_M``, ``d s_i = <T_i, W_i>`` (in fp32),
+      ``A`` is multiplied by ``s`` in place and ``s * G_M`` is returned, so the weight's
+      gradient ends as ``s * T``: what ``M`` per-micro-batch backwards give.
+
+    The cost per weight element, bf16 weight and gradients with an fp32 ``A``: 4 bytes for
+    the step's scaled weight, and the last backward's finish, eagerly about 30 bytes (two
+    dot products, one of them through an fp32 temporary, the in-place scaling of ``A`` and
+    ``s * G_M``), with ``fused`` one compiled kernel (:func:`finish_rows`, about 18), against
+    12 bytes in every micro batch when scaled per micro batch (docs/RESULTS.md). It needs
+    every gradient of ``W`` this step to come through this scale; ``owner`` is the
+    parameter whose accumulator ``A`` is (``W`` itself, or the parameter under another
+    ``StepScale`` of the same weight: two scales of one weight compose, each finishing in turn).
+    """
+
+    def __init__(self, dim: int = 0) -> None:
+        self.dim = dim
+        self.micro_batches = 0
+        self.scaled: Optional[torch.Tensor] = None
+        self.backward_calls = 0
+
+    @property
+    def active(self) -> bool:
+        """Whether :func:`once_per_step` is on for this scale's current step."""
+        return self.micro_batches > 0
+
+    def __call__(self, weight: torch.Tensor, scale: torch.Tensor, owner: torch.Tensor,
+                 fused: bool = False) -> torch.Tensor:
+        """``weight`` times ``scale`` along :attr:`dim` (per micro batch for a frozen ``owner``)."""
+        if not (self.active and owner.requires_grad):
+            return scale_weight(weight, scale, self.dim, fused)
+        return _ScaleOncePerStep.apply(weight, scale, self, (owner, fused))
+
+    def begin(self, micro_batches: int) -> None:
+        self.micro_batches, self.scaled, self.backward_calls = micro_batches, None, 0
+
+    def end(self) -> Optional[str]:
+        """Leave the step; what went wrong if the step used this scale but did not run all its backwards."""
+        used, calls, micro_batches = self.scaled is not None, self.backward_calls, self.micro_batches
+        self.micro_batches, self.scaled, self.backward_calls = 0, None, 0
+        if used and calls != micro_batches:
+            return f"{calls} backward passes in a step of {micro_batches} micro batches"
+        return None
+
+
+class _ScaleOncePerStep(torch.autograd.Function):
+    """The autograd side of :class:`StepScale` inside :func:`once_per_step`."""
+
+    @staticmethod
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, step: StepScale, owner_fused: tuple) -> torch.Tensor:
+        ctx.step, (ctx.owner, ctx.fused) = step, owner_fused
+        ctx.save_for_backward(weight, scale)
+        if step.scaled is None:
+            step.scaled = _times(weight.transpose(0, step.dim), scale).transpose(0, step.dim)
+        return step.scaled.view_as(step.scaled)  # a new view each micro batch: its own autograd node
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        step = ctx.step
+        step.backward_calls += 1
+        weight, scale = ctx.saved_tensors
+        if step.backward_calls < step.micro_batches:
+            # Zeros, not None: megatron-core's DDP expects a gradient in every backward that
+            # reaches a parameter (it asserts so under --overlap-grad-reduce).
+            return grad, torch.zeros_like(scale), None, None
+        rows, grad_rows = weight.transpose(0, step.dim), grad.transpose(0, step.dim)
+        accumulated = _accumulated_gradient(ctx.owner)
+        if accumulated is None:
+            raise RuntimeError(f"a weight scaled once per step has no accumulated gradient after "
+                               f"{step.backward_calls - 1} micro batches")
+        finish = fused_finish_rows if ctx.fused else _finish_rows_eagerly
+        grad_scale, grad_weight = finish(accumulated.transpose(0, step.dim), rows, grad_rows, scale)
+        return grad_weight.transpose(0, step.dim), grad_scale.to(scale.dtype), None, None
+
+
+def finish_rows(accumulated: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The last micro batch of a step scaled once: ``d s_i = <A_i + G_i, W_i>`` (fp32), ``A *= s``
+    in place, and ``s * G`` (rows of 2-D tensors; ``s`` one value or one per row).
+
+    Written for ``torch.compile`` (:data:`fused_finish_rows`): one reduction over ``A``, ``G``
+    and ``W`` and the two scalings, without the temporaries of the eager form.
+    """
+    products = (accumulated + grad) * weight
+    accumulate = torch.promote_types(products.dtype, torch.float32)
+    grad_scale = products.sum(dtype=accumulate).view(1) if scale.numel() == 1 else products.sum(1, dtype=accumulate)
+    accumulated.mul_(scale.view(-1, 1))
+    return grad_scale, grad * scale.view(-1, 1)
+
+
+fused_finish_rows = jit_fuser(finish_rows)
+
+
+def _finish_rows_eagerly(accumulated: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
+                         scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`finish_rows` with torch's kernels: a dot product each for ``G`` and ``A`` (the
+    second through an fp32 temporary when ``A`` is fp32 and ``W`` is not), then the scalings."""
+    grad_scale = _row_dots(grad, weight, scale.numel()) + _row_dots(accumulated, weight, scale.numel())
+    accumulated.mul_(scale.to(accumulated.dtype).view(-1, 1))
+    return grad_scale, _times(grad, scale)
+
+
+def step_scales(modules: Iterable[torch.nn.Module]) -> list[StepScale]:
+    """Every :class:`StepScale` held as an attribute by ``modules`` or their submodules."""
+    return [value for module in modules for sub in module.modules()
+            for value in vars(sub).values() if isinstance(value, StepScale)]
+
+
+@contextlib.contextmanager
+def once_per_step(scales: Iterable[StepScale], micro_batches: int) -> Iterator[None]:
+    """Inside: ``scales`` scale their weights once for a step of ``micro_batches`` micro batches.
+
+    Wrap exactly one step's forward and backward passes (megatron-core's schedule call),
+    each micro batch through every scaled linear once; leaving checks that every scale
+    used saw ``micro_batches`` backwards. ``micro_batches < 2`` changes nothing (one
+    micro batch already pays the weight side once, and more cheaply).
+    """
+    scales = list(scales) if micro_batches > 1 else []
+    for scale in scales:
+        scale.begin(micro_batches)
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        problems = [problem for problem in (scale.end() for scale in scales) if problem]
+    if completed and problems:
+        raise RuntimeError(
+            f"{len(problems)} weights scaled once per step did not get their step's gradients ({problems[0]}); "
+            f"once_per_step must wrap whole steps, every micro batch's forward and backward"
+        )

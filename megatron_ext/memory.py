@@ -23,7 +23,10 @@ the most loaded pipeline stage:
   The first stage holds the activations of every micro-batch in flight under the 1F1B
   schedule (``p`` of them, ``p + (p-1)/v`` chunks' worth when interleaved); the last
   stage adds the logits and the fp32 softmax of the loss (``6sbv/t`` bytes) and, with
-  WeSaR, what its gate on the output layer saves;
+  WeSaR, what its gate on the output layer saves; with several micro batches per step
+  the weight-side scales (WeSaR's gates, NormFormer's head scale) hold one scaled copy of
+  each weight for the step (``--weight-scale-once-per-step``, the driver's default) and
+  save nothing per micro batch;
 * the optimizer step's temporaries: none for a fused Adam (APEX's or Transformer
   Engine's in NVIDIA's container, or torch's fused AdamW, which the driver's GPU engine
   selects without them); torch's foreach AdamW (``--adam-kernel foreach``, megatron-core's
@@ -146,7 +149,10 @@ class Layout:
     default); with it and without TP, NormFormer's FFN norm is compiled into the same
     kernel and saves no input of its own. ``adam_kernel``: ``fused`` (what the driver runs)
     or ``foreach`` (torch's multi-tensor AdamW, which megatron-core builds without APEX or
-    Transformer Engine).
+    Transformer Engine). ``weight_scale_once_per_step``: the driver's default; with more
+    than one micro batch per step (a known ``global_batch_size``) the weight-side scales
+    hold one scaled weight per linear for the step instead of saving their product per
+    micro batch (:func:`scaled_weight_elements`).
     """
 
     tensor_model_parallel_size: int = 1
@@ -163,6 +169,7 @@ class Layout:
     flash_attention: bool = True
     activation_fusion: bool = True
     adam_kernel: str = "fused"
+    weight_scale_once_per_step: bool = True
 
     def __post_init__(self) -> None:
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -192,6 +199,11 @@ class Layout:
         if self.global_batch_size is None:
             return None
         return self.global_batch_size // (self.micro_batch_size * self.data_parallel_size)
+
+    @property
+    def scales_once_per_step(self) -> bool:
+        """Whether the weight-side scales are applied once per step (several micro batches per step)."""
+        return self.weight_scale_once_per_step and (self.num_microbatches or 1) > 1
 
 
 def stage_layers(model: ModelShape, layout: Layout) -> list[int]:
@@ -338,25 +350,45 @@ def layer_activation_bytes(model: ModelShape, layout: Layout) -> float:
     return total
 
 
+def _scaled_linears(model: ModelShape, layout: Layout) -> list[tuple[int, int]]:
+    """(input features, features the scale multiplies) of every scaled linear of a layer on one TP rank.
+
+    WeSaR's gates multiply the outputs of qkv, proj, fc1 and fc2; NormFormer's head scale
+    W^O's inputs. On a weight of ``inputs x outputs`` the product has the weight's size.
+    """
+    t = layout.tensor_model_parallel_size
+    h, f = model.hidden_size, model.ffn_size
+    query, qkv, fc1 = model.query_size, model.qkv_size, model.fc1_size
+    linears = []
+    if model.wesar:
+        linears += [(h, qkv // t), (query // t, h), (h, fc1 // t), (f // t, h)]
+    if model.normformer_head_scale:  # scales W^O's input: the weight is h x query/t
+        linears.append((h, query // t))
+    return linears
+
+
 def scaled_linear_saved_elements(model: ModelShape, layout: Layout) -> int:
-    """Elements one layer saves for the backward because of scales on its linears (per TP rank).
+    """Elements one layer saves for the backward of each micro batch because of scales on its linears (per TP rank).
 
     A per-feature scale (WeSaR's gates on all four linears, NormFormer's head scale on
     W^O's input) is folded into the weight or applied to an activation, whichever is
     smaller (``--wesar-placement auto``, :mod:`megatron_ext.linear_scaling`); either way the
     product is saved for the backward: the effective weight or the scaled activation.
+    Applied once per step (:attr:`Layout.scales_once_per_step`) they save nothing per
+    micro batch: :func:`scaled_weight_elements` instead.
     """
+    if layout.scales_once_per_step:
+        return 0
     rows = model.seq_length * layout.micro_batch_size
-    t = layout.tensor_model_parallel_size
-    h, f = model.hidden_size, model.ffn_size
-    query, qkv, fc1 = model.query_size, model.qkv_size, model.fc1_size
-    count = 0
-    if model.wesar:  # (input features, output features) of qkv, proj, fc1, fc2 on this rank; gates on outputs
-        for inputs, outputs in ((h, qkv // t), (query // t, h), (h, fc1 // t), (f // t, h)):
-            count += min(inputs * outputs, rows * outputs)
-    if model.normformer_head_scale:  # on W^O's input
-        count += min(h * query // t, rows * query // t)
-    return count
+    return sum(min(inputs * features, rows * features) for inputs, features in _scaled_linears(model, layout))
+
+
+def scaled_weight_elements(model: ModelShape, layout: Layout) -> int:
+    """Elements of the scaled weights one layer holds for a step when its scales are applied
+    once per step (one per scale: W^O has two, WeSaR's and the head scale's); else 0."""
+    if not layout.scales_once_per_step:
+        return 0
+    return sum(inputs * features for inputs, features in _scaled_linears(model, layout))
 
 
 def inflight_layer_microbatches(model: ModelShape, layout: Layout) -> float:
@@ -386,12 +418,16 @@ def logits_bytes(model: ModelShape, layout: Layout) -> float:
 
     With WeSaR the output layer's gate saves its product too (as a decoder linear's does,
     :func:`scaled_linear_saved_elements`): the effective weight ``[v/t, h]`` or the
-    ungated logits ``[sb, v/t]``, whichever is smaller.
+    ungated logits ``[sb, v/t]``, whichever is smaller; the effective weight when an
+    untied output layer's gate is applied once per step.
     """
     s, b, h, t = model.seq_length, layout.micro_batch_size, model.hidden_size, layout.tensor_model_parallel_size
     vocab = model.padded_vocab_size
     hidden = 2 * s * b * h / (t if layout.sequence_parallel else 1)
-    gated = 2 * vocab / t * min(h, s * b) if model.wesar else 0.0
+    gated = 0.0
+    if model.wesar:  # once per step an untied output layer holds its scaled weight (a tied one never does)
+        once = layout.scales_once_per_step and model.untie_embeddings_and_output_weights
+        gated = 2 * vocab / t * (h if once else min(h, s * b))
     return hidden + 6 * s * b * vocab / t + gated
 
 
@@ -430,7 +466,8 @@ def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
         embedding_dropout /= layout.tensor_model_parallel_size
     first = per_layer * inflight_layer_microbatches(model, layout)
     first += embedding_dropout * inflight_microbatches(layout)
-    activations = [0.0] * len(params)
+    scaled_weights = 2 * scaled_weight_elements(model, layout)
+    activations = [scaled_weights * n for n in stage_layers(model, layout)]
     activations[0] += first
     if len(params) > 1:
         activations[-1] += per_layer * stage_layers(model, layout)[-1]
@@ -490,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fused: what pretrain_gpt.py runs (APEX's or Transformer Engine's FusedAdam, else "
                              "torch's fused AdamW); foreach: torch's multi-tensor AdamW, megatron-core's fallback "
                              "as it builds it, with a 4-byte temporary per parameter in the step")
+    layout.add_argument("--weight-scale-once-per-step", action=argparse.BooleanOptionalAction, default=True,
+                        help="as pretrain_gpt.py (default: on): with several micro batches per step, one scaled "
+                             "copy of each scaled weight for the step instead of a saved product per micro batch")
     for flag in ("bias-gelu-fusion", "bias-swiglu-fusion"):
         layout.add_argument(f"--{flag}", action=argparse.BooleanOptionalAction, default=None,
                             help="as pretrain_gpt.py (default: on, the CUDA default)")
@@ -547,7 +587,7 @@ def from_args(args: argparse.Namespace) -> tuple[ModelShape, Layout]:
         precision="bf16" if args.bf16 else "fp16" if args.fp16 else "fp32",
         flash_attention=not args.no_flash_attention,
         activation_fusion=_activation_fusion(args),
-        adam_kernel=args.adam_kernel,
+        adam_kernel=args.adam_kernel, weight_scale_once_per_step=args.weight_scale_once_per_step,
     )
     return model, layout
 
@@ -571,6 +611,9 @@ def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
         (f"gradients ({per_param['gradients']:g} B/param)", f"{result.gradients / GIB:.2f} GiB"),
         (f"optimizer ({per_param['optimizer']:g} B/param)", f"{result.optimizer / GIB:.2f} GiB"),
         ("activations per layer", f"{result.activations_per_layer / GIB:.2f} GiB  (one micro-batch)"),
+        *([("scaled weights per layer", f"{2 * scaled_weight_elements(model, layout) / GIB:.2f} GiB  "
+                                         "(once per step, within the activations)")]
+          if scaled_weight_elements(model, layout) else []),
         ("activations", f"{result.activations / GIB:.2f} GiB"),
         ("optimizer-step temporaries", f"{result.optimizer_step_temporaries / GIB:.2f} GiB  "
                                        f"({optimizer_step_bytes_per_parameter(layout):g} B/param, {layout.adam_kernel} Adam)"),

@@ -48,7 +48,7 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from megatron_ext.config import weight_scale_fusion
-from megatron_ext.linear_scaling import scale_on_weight, scale_weight
+from megatron_ext.linear_scaling import StepScale, scale_on_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
 from megatron_ext.param_gather import gathered, register_after
 
@@ -404,15 +404,20 @@ class FoldedHeadScaleMixin(HeadScaleMixin):
 
     Used whenever the weight is the smaller tensor (more token rows than W^O has output
     features, see :mod:`megatron_ext.linear_scaling`): the scale then costs no activation-sized kernel
-    and no saved activation; else it multiplies the input.
+    and no saved activation; else it multiplies the input. Inside
+    :func:`~megatron_ext.linear_scaling.once_per_step` it is always folded, once per step.
     """
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.head_scale_step = StepScale(dim=1)
+
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if scale_on_weight(input, weight, weight.shape[1]):
+        if self.head_scale_step.active or scale_on_weight(input, weight, weight.shape[1]):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
             scale = self.column_scale(weight.dtype)
-            folded = scale_weight(weight, scale, dim=1, fused=weight_scale_fusion(self.config))
+            folded = self.head_scale_step(weight, scale, self.weight, fused=weight_scale_fusion(self.config))
             return super()._forward_impl(input, folded, *args, **kwargs)
         return super()._forward_impl(input * self.column_scale(input.dtype), weight, *args, **kwargs)
 

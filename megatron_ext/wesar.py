@@ -65,7 +65,7 @@ from megatron.core.utils import (
 )
 
 from megatron_ext.config import weight_scale_fusion
-from megatron_ext.linear_scaling import scale_on_weight, scale_weight
+from megatron_ext.linear_scaling import StepScale, scale_on_weight, scale_weight
 
 logger = logging.getLogger(__name__)
 
@@ -390,6 +390,7 @@ class _Gating(_CheckpointsGates):
         super().__init__(input_size, output_size, **kwargs)
         self.wesar_adds_bias = not skip_bias_add
         self.wesar_placement = wesar.placement
+        self.wesar_step: Optional[StepScale] = StepScale()
         tp_group = get_tensor_model_parallel_group_if_none(kwargs.get("tp_group"))
         config, device = kwargs["config"], self.weight.device
         if self.column_parallel:
@@ -404,11 +405,15 @@ class _ShardGating(_Gating):
     gates_on_shard = True
 
     def _forward_impl(self, input, weight, *args, **kwargs):
+        """The gates on the weight (always, once per step, unless the placement is ``output``) or the output."""
+        step = self.wesar_step
         gathered = get_pg_size(self.tp_group) if kwargs.get("sequence_parallel") else 1
-        if gate_on_weight(self.wesar_placement, input, weight, gathered):
+        once = step is not None and step.active and self.wesar_placement != "output"
+        if once or gate_on_weight(self.wesar_placement, input, weight, gathered):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            scaled = self.wesar.scale_weight(weight, fused=weight_scale_fusion(self.config))
+            gates, fused = self.wesar().to(weight.dtype), weight_scale_fusion(self.config)
+            scaled = scale_weight(weight, gates, 0, fused) if step is None else step(weight, gates, self.weight, fused)
             return super()._forward_impl(input, scaled, *args, **kwargs)
         return self.wesar.scale_output(super()._forward_impl(input, weight, *args, **kwargs))
 
@@ -438,11 +443,16 @@ class WeSaRColumnParallelLinear(_ShardGating, ColumnParallelLinear):
         return output, bias
 
     @classmethod
-    def gate_in_place(cls, layer: ColumnParallelLinear, gates: WeSaRGates, cfg: WeSaRConfig) -> None:
-        """Turn a built ``ColumnParallelLinear`` (GPTModel's output layer) into a gated one."""
+    def gate_in_place(cls, layer: ColumnParallelLinear, gates: WeSaRGates, cfg: WeSaRConfig, tied: bool) -> None:
+        """Turn a built ``ColumnParallelLinear`` (GPTModel's output layer) into a gated one.
+
+        A ``tied`` layer's matrix also gets the embedding's gradient, so its gate is
+        applied per micro batch, never once per step (:class:`StepScale`).
+        """
         layer.__class__ = cls
         layer.wesar_adds_bias = not layer.skip_bias_add
         layer.wesar_placement = cfg.placement
+        layer.wesar_step = None if tied else StepScale()
         layer.skip_bias_add = True
         layer.wesar = gates
 
@@ -615,7 +625,7 @@ def apply_to_model(model: GPTModel, config: TransformerConfig, cfg: WeSaRConfig)
                                   reduce_grad=True, tp_group=tp_group)
     else:
         return
-    WeSaRColumnParallelLinear.gate_in_place(output, gates, cfg)
+    WeSaRColumnParallelLinear.gate_in_place(output, gates, cfg, tied)
 
 
 # ---------------------------------------------------------------------------------------

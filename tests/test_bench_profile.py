@@ -28,6 +28,7 @@ def test_variant_specs(bench):
     assert bench.variant_flags("wesar+dopt") == ["--wesar", "--use-distributed-optimizer"]
     assert bench.variant_flags("baseline") == []
     assert bench.variant_flags("all+scale-fusion") == ["--prores", "--wesar", "--normformer", "--weight-scale-fusion"]
+    assert bench.variant_flags("wesar+per-micro-batch") == ["--wesar", "--no-weight-scale-once-per-step"]
     for bad in ("wesar+fast", "nothing"):
         with pytest.raises(SystemExit, match=re.escape(f"{bad!r} is not NAME")):
             bench.variant_flags(bad)
@@ -35,7 +36,8 @@ def test_variant_specs(bench):
 
 @pytest.mark.parametrize("argv, message", [
     (["--shapes", "7b"], "--shapes: unknown ['7b']"),
-    (["--iters", "0"], "--iters and --profile-iters >= 1"),
+    (["--iters", "0"], "--iters, --profile-iters and --micro-batches >= 1"),
+    (["--micro-batches", "0"], "--iters, --profile-iters and --micro-batches >= 1"),
 ])
 def test_bad_arguments_are_clear_errors(bench, tmp_path, argv, message):
     with pytest.raises(SystemExit, match=re.escape(message)):
@@ -84,3 +86,21 @@ def test_cpu_run_writes_phases_profiles_and_differences(bench, tmp_path):
     assert "vs_first" not in results["baseline"]
     # WeSaR adds its gate multiplies: more aten::mul calls per iteration than the baseline.
     assert results["wesar"]["vs_first"]["host_ops"]["aten::mul"]["count"] > 0
+
+
+def test_cpu_run_with_gradient_accumulation_sets_per_micro_batch_scaling_against_once_per_step(bench, tmp_path):
+    """--micro-batches 2 on the 2-layer toy (128 token rows per micro batch): once per step,
+    all four gated linears of each layer go through the once-per-step scale in both micro
+    batches (fc2 too, whose 256 inputs would put its gate on the output per micro batch),
+    the tied output layer's gate per micro batch; +per-micro-batch, the weight-side scale
+    of qkv, proj and fc1 and the output layer in every micro batch."""
+    output = tmp_path / "profile.json"
+    assert bench.main(["--device", "cpu", "--tiny", "--micro-batches", "2", "--variants", "wesar",
+                       "wesar+per-micro-batch", "--warmup", "1", "--iters", "2", "--profile-iters", "1",
+                       "--output", str(output)]) == 0
+    report = json.loads(output.read_text())
+    assert report["micro_batches"] == 2
+    ops = {name: r["profile"]["host_ops"] for name, r in report["shapes"]["tiny"].items()}
+    assert ops["wesar"]["_ScaleOncePerStep"]["count"] == 2 * 4 * 2 and ops["wesar"]["_ScaleRows"]["count"] == 2
+    assert "_ScaleOncePerStep" not in ops["wesar+per-micro-batch"]
+    assert ops["wesar+per-micro-batch"]["_ScaleRows"]["count"] == (2 * 3 + 1) * 2

@@ -193,3 +193,26 @@ def test_clip_scales_to_max_norm_unless_disabled_or_not_needed():
         kept = [torch.full((3,), 3.0)]
         clip_grads_by_total_norm(kept, max_norm, total_norm)
         assert kept[0].tolist() == [3.0, 3.0, 3.0], (max_norm, total_norm)
+
+
+def test_weights_scaled_once_per_step_train_as_per_micro_batch(tmp_path, byte_dataset, monkeypatch):
+    """The CPU engine with 4 micro batches per step: the default --weight-scale-once-per-step
+    scales each weight once per step (WeSaR's gates on every layer linear and the untied
+    output layer, NormFormer's head scale) and trains as --no-weight-scale-once-per-step."""
+    from megatron_ext import linear_scaling
+
+    deferred = []
+    apply = linear_scaling._ScaleOncePerStep.apply
+    monkeypatch.setattr(linear_scaling._ScaleOncePerStep, "apply", lambda *a: deferred.append(1) or apply(*a))
+    runs = {}
+    for name, extra in (("once", []), ("per-micro-batch", ["--no-weight-scale-once-per-step"])):
+        argv = tiny_flags(byte_dataset, save=tmp_path / name, eval_iters=0, train_iters=4, global_batch_size=16,
+                          untie_embeddings_and_output_weights=True) + METHOD_FLAGS + extra
+        assert pretrain_gpt.main(argv) == 0
+        runs[name] = {r["iteration"]: (r["lm_loss"], r["grad_norm"]) for r in read_metrics(tmp_path / name)
+                      if r.get("lm_loss") is not None and "event" not in r}
+        if name == "once":
+            assert len(deferred) == 4 * 4 * (2 * 5 + 1)  # steps x micro batches x (layers x 5 scales + output)
+    assert sorted(runs["once"]) == list(range(1, 5))
+    for it, values in runs["per-micro-batch"].items():
+        assert runs["once"][it] == pytest.approx(values, rel=1e-5), it

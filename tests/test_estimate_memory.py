@@ -190,9 +190,11 @@ def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, t
     assert args.data_parallel_size == 8 // (args.tensor_model_parallel_size * args.pipeline_model_parallel_size)
 
 
-def saved_layer_bytes(model: torch.nn.Module, data: dict, module: torch.nn.Module | None = None) -> int:
-    """Bytes ``module`` (default: the first decoder layer) saves for the backward, parameters
-    and buffers excluded, each storage counted once."""
+def saved_layer_bytes(model: torch.nn.Module, data: dict, module: torch.nn.Module | None = None,
+                      micro_batches: int = 1) -> int:
+    """Bytes ``module`` (default: the first decoder layer) saves for the backward of
+    ``micro_batches`` forwards of ``data`` (all kept alive), parameters and buffers excluded,
+    each storage counted once."""
     excluded = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     storages: dict[int, int] = {}
 
@@ -206,7 +208,7 @@ def saved_layer_bytes(model: torch.nn.Module, data: dict, module: torch.nn.Modul
     layer = model.decoder.layers[0] if module is None else module
     layer.register_forward_pre_hook(lambda *args: hooks.__enter__())
     layer.register_forward_hook(lambda *args: hooks.__exit__(None, None, None))
-    forward_loss(model, data)
+    losses = [forward_loss(model, data) for _ in range(micro_batches)]  # noqa: F841 (their graphs hold the storages)
     return sum(storages.values())
 
 
@@ -258,6 +260,35 @@ def test_saved_elements_of_scaled_linears_match_a_built_layer(case, micro_batch)
     expected = em.scaled_linear_saved_elements(shape, em.Layout(micro_batch_size=micro_batch))
     config = tiny_config()
     per_feature_scales = 3 * config.hidden_size + 2 * config.ffn_hidden_size  # the gate vectors themselves
+    assert expected <= measured <= expected + per_feature_scales
+
+
+@pytest.mark.usefixtures("parallel1")
+@pytest.mark.parametrize("case", ["gpt+wesar", "gpt+head-scale", "gpt+both"])
+def test_scales_applied_once_per_step_hold_one_scaled_weight_for_all_micro_batches(case):
+    """Two micro batches of 1 x 16 token rows (fewer than any linear's 64 / 128 input features:
+    per micro batch every scale would go on the activation) inside once_per_step: the layer
+    holds the estimator's scaled weights once and saves no scaled product per micro batch."""
+    from megatron_ext.linear_scaling import once_per_step, step_scales
+
+    wesar, head_scale = case != "gpt+head-scale", case != "gpt+wesar"
+    normformer = NormFormerConfig(post_attention_norm=False, ffn_norm=False) if head_scale else None
+    extensions = ExtensionConfig(wesar=WeSaRConfig() if wesar else None, normformer=normformer)
+    data = batch(batch_size=1)
+    baseline = saved_layer_bytes(build(tiny_config()), data, micro_batches=2)
+    model = build(tiny_config(), extensions)
+    with once_per_step(step_scales([model]), 2):
+        measured = (saved_layer_bytes(model, data, micro_batches=2) - baseline) // 4  # fp32 elements
+        for scale in step_scales([model]):
+            scale.scaled = None  # no backward follows: leave the step without its check
+    shape = dataclasses.replace(shape_of("gpt"), wesar=wesar, normformer_head_scale=head_scale)
+    layout = em.Layout(micro_batch_size=1, global_batch_size=2)
+    assert layout.scales_once_per_step and em.scaled_linear_saved_elements(shape, layout) == 0
+    expected = em.scaled_weight_elements(shape, layout)
+    config = tiny_config()
+    weights = 4 * config.hidden_size ** 2 + 2 * config.hidden_size * config.ffn_hidden_size
+    assert expected == (weights if wesar else 0) + (config.hidden_size ** 2 if head_scale else 0)
+    per_feature_scales = 2 * (3 * config.hidden_size + config.ffn_hidden_size)  # per micro batch, saved for d s
     assert expected <= measured <= expected + per_feature_scales
 
 

@@ -324,3 +324,25 @@ def test_pipeline_split_continues_an_unsplit_run(tmp_path, byte_dataset, layout)
         back = resume_from(pp2, 4, tmp_path / "back")
         emulated(1, tiny_flags(byte_dataset, load=back, save=back, **run) + METHOD_FLAGS)
         assert_same(history(back), reference, range(5, 7), rel=1e-5)
+
+
+def test_weights_scaled_once_per_step_train_as_per_micro_batch_in_an_interleaved_overlapped_pipeline(
+        tmp_path, byte_dataset):
+    """--weight-scale-once-per-step (the default) against --no-weight-scale-once-per-step:
+    PP=2 x DP=2 interleaved, 4 micro batches per rank, untied output layer (its gate
+    once per step too), distributed optimizer, gradient reduce overlapped in several
+    buckets (each launched in the last micro batch's backward, after the weights in it
+    have their scaled gradients) and parameter gather overlapped. The same losses and
+    grad norms."""
+    run = dict(RUN, num_layers=4, global_batch_size=32, untie_embeddings_and_output_weights=True,
+               pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1, overlap_grad_reduce=True,
+               ddp_bucket_size=3000, overlap_param_gather=True, save_interval=None)
+    flags = METHOD_FLAGS + WESAR_OPTIONS + ["--use-distributed-optimizer"]
+    once, per_micro_batch = tmp_path / "once", tmp_path / "per-micro-batch"
+    output = emulated(4, tiny_flags(byte_dataset, tensorboard_dir=once, **run) + flags)
+    # rank 0: the first pipeline stage's two one-layer chunks, 4 gates and a head scale each
+    assert "10 weight-side scales (WeSaR gates, NormFormer head scales) applied once per step of 4" in output
+    output = emulated(4, tiny_flags(byte_dataset, tensorboard_dir=per_micro_batch, **run) + flags
+                      + ["--no-weight-scale-once-per-step"])
+    assert "applied once per step" not in output
+    assert_same(history(once), history(per_micro_batch), range(1, 7), rel=1e-5)

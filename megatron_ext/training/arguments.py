@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WeSaR's gates and NormFormer's head scale multiplied into the weights by one compiled "
                         "kernel forward and one backward: fewer passes over the weights, more host time per "
                         "call (default: off)")
+    g.add_argument("--weight-scale-once-per-step", action=argparse.BooleanOptionalAction, default=True,
+                   help="with several micro batches per step, multiply WeSaR's gates and NormFormer's head "
+                        "scale into the weights once per step and turn the accumulated weight gradient into "
+                        "theirs after the last micro batch, instead of once per micro batch (the same "
+                        "gradients; a WeSaR placement of 'output' is kept per micro batch; default: on)")
     g.add_argument("--gradient-accumulation-fusion", action=argparse.BooleanOptionalAction, default=None,
                    help="accumulate weight gradients into the fp32 main grads inside the GEMM (APEX's "
                         "fused_weight_gradient_mlp_cuda; default: on with CUDA where it is installed)")

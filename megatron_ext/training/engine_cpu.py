@@ -2,7 +2,8 @@
 
 PLATFORM.md lists megatron-core's pipeline schedules, DDP grad buffers and mixed-precision
 optimizers as CUDA-bound. Here they become a plain micro-batch loop (gradient
-accumulation, loss divided by the number of micro batches as megatron's schedules do),
+accumulation, loss divided by the number of micro batches as megatron's schedules do; the
+weight-side scales once per step as on the GPU path),
 an all-reduce of the gradients over the data-parallel group, the TP/PP-aware global
 grad norm and clip, and ``torch.optim.AdamW`` over the same parameter groups and the same
 ``OptimizerParamScheduler`` as the GPU path.
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from megatron_ext import wesar
+from megatron_ext import linear_scaling, wesar
 from megatron_ext.extensions import ExtensionConfig
 from megatron_ext.parallel import allreduce_sequence_parallel_grads, grad_norm
 from megatron_ext.training.forward import forward_step
@@ -27,6 +28,7 @@ from megatron_ext.training.optimization import (
     StepResult,
     build_scheduler,
     clip_grads_by_total_norm,
+    once_per_step_scales,
     torch_param_groups,
     update_lr,
 )
@@ -48,6 +50,7 @@ class CpuEngine:
         self.scheduler = build_scheduler(args, self.optimizer)
         self.params = [p for group in self.optimizer.param_groups for p in group["params"]]
         self.clipped_params = wesar.clip_parameters(self.params, extensions.wesar)
+        self.step_scales = once_per_step_scales(args, model_chunks)
 
     def _allreduce_data_parallel_grads(self) -> None:
         """Average the gradients over the data-parallel group in one flat all-reduce."""
@@ -69,11 +72,12 @@ class CpuEngine:
         self.optimizer.zero_grad(set_to_none=True)
         num_microbatches = self.args.num_microbatches
         losses = []
-        for _ in range(num_microbatches):
-            output, loss_func = forward_step(data_iterator, model)
-            loss, reported = loss_func(output)
-            (loss / num_microbatches).backward()
-            losses.append(reported["lm loss"])
+        with linear_scaling.once_per_step(self.step_scales, num_microbatches):
+            for _ in range(num_microbatches):
+                output, loss_func = forward_step(data_iterator, model)
+                loss, reported = loss_func(output)
+                (loss / num_microbatches).backward()
+                losses.append(reported["lm loss"])
         lm_loss = float(torch.stack(losses).mean())
         if self.args.sequence_parallel:
             allreduce_sequence_parallel_grads(self.model_chunks)

@@ -8,12 +8,15 @@ WeSaR's parameter-group overrides); ``OptimizerParamScheduler``;
 whose loss or grad norm is not finite is skipped. Without APEX and Transformer Engine,
 megatron-core's per-tensor multi-tensor fallbacks are replaced by sync-free foreach ones
 (:mod:`megatron_ext.training.foreach_fallbacks`) and its torch AdamW runs torch's fused
-kernel (:mod:`megatron_ext.training.torch_adam`).
+kernel (:mod:`megatron_ext.training.torch_adam`). With several micro batches per step the
+weight-side scales are applied once per step (``--weight-scale-once-per-step``,
+:func:`megatron_ext.linear_scaling.once_per_step`).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import logging
 import math
@@ -29,13 +32,19 @@ from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import Float16Module, param_is_not_shared
 from megatron.core.utils import get_attr_wrapped_model, log_single_rank, unwrap_model
 
-from megatron_ext import wesar
+from megatron_ext import linear_scaling, wesar
 from megatron_ext.extensions import ExtensionConfig
 from megatron_ext.training import foreach_fallbacks, torch_adam
 from megatron_ext.training.configs import ddp_config, optimizer_config
 from megatron_ext.training.forward import forward_step
 from megatron_ext.training.metrics import per_layer_grad_norms
-from megatron_ext.training.optimization import StepResult, build_scheduler, clip_grads_by_total_norm, update_lr
+from megatron_ext.training.optimization import (
+    StepResult,
+    build_scheduler,
+    clip_grads_by_total_norm,
+    once_per_step_scales,
+    update_lr,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +79,7 @@ class GpuEngine:
         self.extensions = extensions
         foreach_fallbacks.install()
         self.model_chunks = wrap_model_chunks(args, model_chunks)
+        self.step_scales = once_per_step_scales(args, self.model_chunks)
         overrides = None
         if extensions.wesar is not None:
             overrides = wesar.optimizer_overrides(extensions.wesar, args.weight_decay, lr=args.lr, min_lr=args.min_lr)
@@ -116,12 +126,16 @@ class GpuEngine:
 
     def _run(self, data_iterator: Iterator, forward_only: bool) -> float:
         """One global batch through megatron-core's schedule; its mean lm loss on every rank."""
-        losses = self.forward_backward(
-            forward_step_func=forward_step, data_iterator=self._iterators(data_iterator),
-            model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
-            num_microbatches=self.args.num_microbatches, seq_length=self.args.seq_length,
-            micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
-        )
+        num_microbatches = self.args.num_microbatches
+        scaling = (contextlib.nullcontext() if forward_only
+                   else linear_scaling.once_per_step(self.step_scales, num_microbatches))
+        with scaling:
+            losses = self.forward_backward(
+                forward_step_func=forward_step, data_iterator=self._iterators(data_iterator),
+                model=self.model_chunks if len(self.model_chunks) > 1 else self.model_chunks[0],
+                num_microbatches=num_microbatches, seq_length=self.args.seq_length,
+                micro_batch_size=self.args.micro_batch_size, forward_only=forward_only,
+            )
         loss = float("nan")
         if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
             loss = float(torch.stack([item["lm loss"] for item in losses]).mean())

@@ -1,10 +1,11 @@
 """Pieces of the optimizer set-up shared by both engines: parameter groups (WeSaR's or
 megatron-core's standard rule), the learning-rate scheduler, the gradient clip, the
-engine interface and the step outcome."""
+weight-side scales applied once per step, the engine interface and the step outcome."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Protocol, Union
@@ -12,9 +13,12 @@ from typing import Iterable, Iterator, Protocol, Union
 import torch
 from megatron.core.optimizer import MegatronOptimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler, get_canonical_lr_for_logging
+from megatron.core.utils import log_single_rank
 
-from megatron_ext import wesar
+from megatron_ext import linear_scaling, wesar
 from megatron_ext.extensions import ExtensionConfig
+
+logger = logging.getLogger(__name__)
 
 Optimizer = Union[torch.optim.Optimizer, MegatronOptimizer]
 
@@ -112,3 +116,15 @@ def clip_grads_by_total_norm(grads: Iterable[torch.Tensor], max_norm: float, tot
     if max_norm > 0 and math.isfinite(total_norm) and coefficient < 1.0:
         for grad in grads:
             grad.mul_(coefficient)
+
+
+def once_per_step_scales(args: argparse.Namespace, model_chunks: Iterable[torch.nn.Module]) -> list[linear_scaling.StepScale]:
+    """The weight-side scales the engine applies once per step (``--weight-scale-once-per-step``
+    with more than one micro batch per step; none otherwise), logged with their number."""
+    if not (args.weight_scale_once_per_step and args.num_microbatches > 1):
+        return []
+    scales = linear_scaling.step_scales(model_chunks)
+    if scales:
+        log_single_rank(logger, logging.INFO, "%d weight-side scales (WeSaR gates, NormFormer head scales) "
+                        "applied once per step of %d micro batches", len(scales), args.num_microbatches)
+    return scales
