@@ -7,7 +7,7 @@
 #   bash bench/gpu_evidence.sh check+memory speed     # device call 1 (at most about 7 minutes)
 #   bash bench/gpu_evidence.sh convergence            # device call 2, while warm (about 5.5 minutes)
 #   bash bench/gpu_evidence.sh speed profile          # the fixes' measurement (at most about 7.5 minutes)
-#   bash bench/gpu_evidence.sh accumulation           # once per step against per micro batch (at most 3.5 minutes)
+#   bash bench/gpu_evidence.sh accumulation           # once per step against per micro batch (at most 4 minutes)
 #
 # Stages named together with '+' run side by side (check and memory: the memory stage
 # measures each process's own peak allocation, which the other process does not change,
@@ -40,7 +40,7 @@ CHECK_TIMEOUT=${CHECK_TIMEOUT:-90}
 SPEED_TIMEOUT=${SPEED_TIMEOUT:-240}
 MEMORY_TIMEOUT=${MEMORY_TIMEOUT:-150}
 PROFILE_TIMEOUT=${PROFILE_TIMEOUT:-210}
-ACCUMULATION_TIMEOUT=${ACCUMULATION_TIMEOUT:-200}
+ACCUMULATION_TIMEOUT=${ACCUMULATION_TIMEOUT:-240}
 DRIVER_FLAGS=${DRIVER_FLAGS:-}
 MANIFEST=data/gpu/manifest.json
 mkdir -p "$OUT" "$WORK"

@@ -333,7 +333,8 @@ def test_weights_scaled_once_per_step_train_as_per_micro_batch_in_an_interleaved
     once per step too), distributed optimizer, gradient reduce overlapped in several
     buckets (each launched in the last micro batch's backward, after the weights in it
     have their scaled gradients) and parameter gather overlapped. The same losses and
-    grad norms."""
+    grad norms, up to fp32 rounding (the scale times a sum against a sum of scaled terms:
+    4e-5 relative in the grad norm of step 6 with torch 2.11, less with 2.9)."""
     run = dict(RUN, num_layers=4, global_batch_size=32, untie_embeddings_and_output_weights=True,
                pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1, overlap_grad_reduce=True,
                ddp_bucket_size=3000, overlap_param_gather=True, save_interval=None)
@@ -345,4 +346,4 @@ def test_weights_scaled_once_per_step_train_as_per_micro_batch_in_an_interleaved
     output = emulated(4, tiny_flags(byte_dataset, tensorboard_dir=per_micro_batch, **run) + flags
                       + ["--no-weight-scale-once-per-step"])
     assert "applied once per step" not in output
-    assert_same(history(once), history(per_micro_batch), range(1, 7), rel=1e-5)
+    assert_same(history(once), history(per_micro_batch), range(1, 7), rel=2e-4)
