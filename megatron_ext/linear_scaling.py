@@ -147,6 +147,12 @@ class StepScale:
     every gradient of ``W`` this step to come through this scale; ``owner`` is the
     parameter whose accumulator ``A`` is (``W`` itself, or the parameter under another
     ``StepScale`` of the same weight: two scales of one weight compose, each finishing in turn).
+
+    With ``accumulate_in_main_grad`` (megatron's gradient-accumulation fusion on the
+    linear) the scaled weight carries ``owner.main_grad``: megatron's wgrad GEMM adds each
+    ``G_m`` into ``A`` itself and hands back a placeholder, which goes on to ``W`` with
+    ``owner.grad_added_to_main_grad`` set (megatron-core DDP's signal to add nothing), and
+    the finish reads ``T = A``: the scaled linears then accumulate as the baseline's do.
     """
 
     def __init__(self, dim: int = 0) -> None:
@@ -160,12 +166,16 @@ class StepScale:
         """Whether :func:`once_per_step` is on for this scale's current step."""
         return self.micro_batches > 0
 
-    def __call__(self, weight: torch.Tensor, scale: torch.Tensor, owner: torch.Tensor,
-                 fused: bool = False) -> torch.Tensor:
-        """``weight`` times ``scale`` along :attr:`dim` (per micro batch for a frozen ``owner``)."""
-        if not (self.active and owner.requires_grad):
+    def defers(self, owner: torch.Tensor) -> bool:
+        """Whether ``owner``'s scale is applied once this step (not for a frozen ``owner``)."""
+        return self.active and owner.requires_grad
+
+    def __call__(self, weight: torch.Tensor, scale: torch.Tensor, owner: torch.Tensor, fused: bool = False,
+                 accumulate_in_main_grad: bool = False) -> torch.Tensor:
+        """``weight`` times ``scale`` along :attr:`dim`: once per step where :meth:`defers`, else per call."""
+        if not self.defers(owner):
             return scale_weight(weight, scale, self.dim, fused)
-        return _ScaleOncePerStep.apply(weight, scale, self, (owner, fused))
+        return _ScaleOncePerStep.apply(weight, scale, self, (owner, fused, accumulate_in_main_grad))
 
     def begin(self, micro_batches: int) -> None:
         self.micro_batches, self.scaled, self.backward_calls = micro_batches, None, 0
@@ -183,29 +193,38 @@ class _ScaleOncePerStep(torch.autograd.Function):
     """The autograd side of :class:`StepScale` inside :func:`once_per_step`."""
 
     @staticmethod
-    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, step: StepScale, owner_fused: tuple) -> torch.Tensor:
-        ctx.step, (ctx.owner, ctx.fused) = step, owner_fused
+    def forward(ctx, weight: torch.Tensor, scale: torch.Tensor, step: StepScale, options: tuple) -> torch.Tensor:
+        ctx.step, (ctx.owner, ctx.fused, ctx.in_main_grad) = step, options
         ctx.save_for_backward(weight, scale)
         if step.scaled is None:
             step.scaled = _times(weight.transpose(0, step.dim), scale).transpose(0, step.dim)
-        return step.scaled.view_as(step.scaled)  # a new view each micro batch: its own autograd node
+        scaled = step.scaled.view_as(step.scaled)  # a new view each micro batch: its own autograd node
+        if ctx.in_main_grad:  # megatron's fused wgrad GEMM accumulates into the owner's main_grad
+            scaled.main_grad, scaled.grad_added_to_main_grad = ctx.owner.main_grad, False
+        return scaled
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
+    def backward(ctx, grad: Optional[torch.Tensor]):
         step = ctx.step
         step.backward_calls += 1
         weight, scale = ctx.saved_tensors
+        if ctx.in_main_grad:  # G_m is in main_grad already; ``grad`` is megatron's placeholder
+            ctx.owner.grad_added_to_main_grad = True
         if step.backward_calls < step.micro_batches:
             # Zeros, not None: megatron-core's DDP expects a gradient in every backward that
             # reaches a parameter (it asserts so under --overlap-grad-reduce).
             return grad, torch.zeros_like(scale), None, None
-        rows, grad_rows = weight.transpose(0, step.dim), grad.transpose(0, step.dim)
         accumulated = _accumulated_gradient(ctx.owner)
         if accumulated is None:
             raise RuntimeError(f"a weight scaled once per step has no accumulated gradient after "
                                f"{step.backward_calls - 1} micro batches")
+        rows, accumulated_rows = weight.transpose(0, step.dim), accumulated.transpose(0, step.dim)
+        if ctx.in_main_grad:
+            grad_scale = _row_dots(accumulated_rows, rows, scale.numel())
+            accumulated_rows.mul_(scale.to(accumulated.dtype).view(-1, 1))
+            return grad, grad_scale.to(scale.dtype), None, None
         finish = fused_finish_rows if ctx.fused else _finish_rows_eagerly
-        grad_scale, grad_weight = finish(accumulated.transpose(0, step.dim), rows, grad_rows, scale)
+        grad_scale, grad_weight = finish(accumulated_rows, rows, grad.transpose(0, step.dim), scale)
         return grad_weight.transpose(0, step.dim), grad_scale.to(scale.dtype), None, None
 
 

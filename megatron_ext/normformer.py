@@ -48,7 +48,7 @@ from megatron.core.transformer.utils import (
 from megatron.core.utils import divide
 
 from megatron_ext.config import weight_scale_fusion
-from megatron_ext.linear_scaling import StepScale, scale_on_weight
+from megatron_ext.linear_scaling import StepScale, scale_on_weight, scale_weight
 from megatron_ext.norms import TorchNorm, norm_last_dim
 from megatron_ext.param_gather import gathered, register_after
 
@@ -413,11 +413,15 @@ class FoldedHeadScaleMixin(HeadScaleMixin):
         self.head_scale_step = StepScale(dim=1)
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        if self.head_scale_step.active or scale_on_weight(input, weight, weight.shape[1]):
+        step, fused = self.head_scale_step, weight_scale_fusion(self.config)
+        if step.defers(self.weight):
+            in_main_grad = kwargs.get("gradient_accumulation_fusion", False)
+            folded = step(weight, self.column_scale(weight.dtype), self.weight, fused, in_main_grad)
+            return super()._forward_impl(input, folded, *args, **kwargs)
+        if scale_on_weight(input, weight, weight.shape[1]):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            scale = self.column_scale(weight.dtype)
-            folded = self.head_scale_step(weight, scale, self.weight, fused=weight_scale_fusion(self.config))
+            folded = scale_weight(weight, self.column_scale(weight.dtype), dim=1, fused=fused)
             return super()._forward_impl(input, folded, *args, **kwargs)
         return super()._forward_impl(input * self.column_scale(input.dtype), weight, *args, **kwargs)
 

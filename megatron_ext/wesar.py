@@ -405,16 +405,17 @@ class _ShardGating(_Gating):
     gates_on_shard = True
 
     def _forward_impl(self, input, weight, *args, **kwargs):
-        """The gates on the weight (always, once per step, unless the placement is ``output``) or the output."""
-        step = self.wesar_step
+        """The gates on the weight (once per step unless the placement is ``output``) or on the output."""
+        step, fused = self.wesar_step, weight_scale_fusion(self.config)
+        if step is not None and step.defers(self.weight) and self.wesar_placement != "output":
+            in_main_grad = kwargs.get("gradient_accumulation_fusion", False)
+            scaled = step(weight, self.wesar().to(weight.dtype), self.weight, fused, in_main_grad)
+            return super()._forward_impl(input, scaled, *args, **kwargs)
         gathered = get_pg_size(self.tp_group) if kwargs.get("sequence_parallel") else 1
-        once = step is not None and step.active and self.wesar_placement != "output"
-        if once or gate_on_weight(self.wesar_placement, input, weight, gathered):
+        if gate_on_weight(self.wesar_placement, input, weight, gathered):
             # The effective weight has no main_grad to accumulate into: megatron returns its gradient.
             kwargs["gradient_accumulation_fusion"] = False
-            gates, fused = self.wesar().to(weight.dtype), weight_scale_fusion(self.config)
-            scaled = scale_weight(weight, gates, 0, fused) if step is None else step(weight, gates, self.weight, fused)
-            return super()._forward_impl(input, scaled, *args, **kwargs)
+            return super()._forward_impl(input, self.wesar.scale_weight(weight, fused=fused), *args, **kwargs)
         return self.wesar.scale_output(super()._forward_impl(input, weight, *args, **kwargs))
 
 
