@@ -204,7 +204,7 @@ class _ScaleOncePerStep(torch.autograd.Function):
         return scaled
 
     @staticmethod
-    def backward(ctx, grad: Optional[torch.Tensor]):
+    def backward(ctx, grad: torch.Tensor):
         step = ctx.step
         step.backward_calls += 1
         weight, scale = ctx.saved_tensors

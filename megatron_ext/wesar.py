@@ -16,7 +16,10 @@ Where the gate is multiplied (``WeSaRConfig.placement``): into the weight, ``a_W
 output, ``a_W * (x W~^T)`` (output-sized). ``auto`` picks, per call, whichever is
 smaller: the weight when the matmul has more token rows than the weight has input
 columns (every linear of the 125M to 1.3B examples; see :mod:`megatron_ext.linear_scaling`),
-so the gate costs no activation-sized kernel.
+so the gate costs no activation-sized kernel. With several micro batches per step the
+gates are multiplied into the weights once per step instead, their gradients taken from
+the accumulated weight gradient (:class:`~megatron_ext.linear_scaling.StepScale`; not for
+``output``, nor for a tied output layer).
 
 Tensor parallelism: a gate is replicated on every TP rank. The local linears gate the
 rank's own shard inside megatron's ``_forward_impl`` (before any gather or reduction),

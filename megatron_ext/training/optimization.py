@@ -118,7 +118,8 @@ def clip_grads_by_total_norm(grads: Iterable[torch.Tensor], max_norm: float, tot
             grad.mul_(coefficient)
 
 
-def once_per_step_scales(args: argparse.Namespace, model_chunks: Iterable[torch.nn.Module]) -> list[linear_scaling.StepScale]:
+def once_per_step_scales(args: argparse.Namespace,
+                         model_chunks: Iterable[torch.nn.Module]) -> list[linear_scaling.StepScale]:
     """The weight-side scales the engine applies once per step (``--weight-scale-once-per-step``
     with more than one micro batch per step; none otherwise), logged with their number."""
     if not (args.weight_scale_once_per_step and args.num_microbatches > 1):
