@@ -16,11 +16,11 @@
 # methods, saved at 10 and resumed from there: the GPU path works, resumes exactly, and its
 # tokens/s), speed (bench/step_time.py), profile (bench/profile_step.py: where the 1.3B
 # overheads go), accumulation (bench/profile_step.py with 4 micro batches per iteration: the
-# weight-side scales once per step against per micro batch), memory (bench/memory_13b.py), convergence (7
-# pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each stage runs
-# under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT, ACCUMULATION_TIMEOUT,
-# MEMORY_TIMEOUT, CONV_TIMEOUT seconds) so that one call never reaches the device's 600 s limit and the results so far
-# always come back; step_time.py writes its JSON after every variant. A failing stage does not
+# weight-side scales once per step against per micro batch), memory (bench/memory_13b.py),
+# convergence (7 pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each
+# stage runs under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT,
+# ACCUMULATION_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT seconds) so that one call never reaches
+# the device's 600 s limit and the results so far always come back; step_time.py writes its JSON after every variant. A failing stage does not
 # stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
 # the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl (not the
 # checkpoints). The output ends in a digest of the results (summary, speed table, memory fit,

@@ -220,9 +220,7 @@ class _ScaleOncePerStep(torch.autograd.Function):
                                f"{step.backward_calls - 1} micro batches")
         rows, accumulated_rows = weight.transpose(0, step.dim), accumulated.transpose(0, step.dim)
         if ctx.in_main_grad:
-            grad_scale = _row_dots(accumulated_rows, rows, scale.numel())
-            accumulated_rows.mul_(scale.to(accumulated.dtype).view(-1, 1))
-            return grad, grad_scale.to(scale.dtype), None, None
+            return grad, _finish_accumulated(accumulated_rows, rows, scale).to(scale.dtype), None, None
         finish = fused_finish_rows if ctx.fused else _finish_rows_eagerly
         grad_scale, grad_weight = finish(accumulated_rows, rows, grad.transpose(0, step.dim), scale)
         return grad_weight.transpose(0, step.dim), grad_scale.to(scale.dtype), None, None
@@ -246,12 +244,18 @@ def finish_rows(accumulated: torch.Tensor, weight: torch.Tensor, grad: torch.Ten
 fused_finish_rows = jit_fuser(finish_rows)
 
 
+def _finish_accumulated(accumulated: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``<A_i, W_i>`` (through an fp32 temporary when ``A`` is fp32 and ``W`` is not), then ``A *= s`` in place."""
+    grad_scale = _row_dots(accumulated, weight, scale.numel())
+    accumulated.mul_(scale.to(accumulated.dtype).view(-1, 1))
+    return grad_scale
+
+
 def _finish_rows_eagerly(accumulated: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
                          scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`finish_rows` with torch's kernels: a dot product each for ``G`` and ``A`` (the
-    second through an fp32 temporary when ``A`` is fp32 and ``W`` is not), then the scalings."""
-    grad_scale = _row_dots(grad, weight, scale.numel()) + _row_dots(accumulated, weight, scale.numel())
-    accumulated.mul_(scale.to(accumulated.dtype).view(-1, 1))
+    """:func:`finish_rows` with torch's kernels: a dot product for ``G``, then
+    :func:`_finish_accumulated` for ``A`` and ``s * G``."""
+    grad_scale = _row_dots(grad, weight, scale.numel()) + _finish_accumulated(accumulated, weight, scale)
     return grad_scale, _times(grad, scale)
 
 

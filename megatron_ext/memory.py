@@ -602,6 +602,7 @@ def _activation_fusion(args: argparse.Namespace) -> bool:
 def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
     """A human-readable summary of ``result``."""
     per_param = state_bytes_per_parameter(layout)
+    scaled_weights = scaled_weight_elements(model, layout)
     options = [name for name, on in (("sequence parallel", layout.sequence_parallel),
                                      ("distributed optimizer", layout.use_distributed_optimizer)) if on]
     rows = [
@@ -611,9 +612,8 @@ def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
         (f"gradients ({per_param['gradients']:g} B/param)", f"{result.gradients / GIB:.2f} GiB"),
         (f"optimizer ({per_param['optimizer']:g} B/param)", f"{result.optimizer / GIB:.2f} GiB"),
         ("activations per layer", f"{result.activations_per_layer / GIB:.2f} GiB  (one micro-batch)"),
-        *([("scaled weights per layer", f"{2 * scaled_weight_elements(model, layout) / GIB:.2f} GiB  "
-                                         "(once per step, within the activations)")]
-          if scaled_weight_elements(model, layout) else []),
+        *([("scaled weights per layer",
+            f"{2 * scaled_weights / GIB:.2f} GiB  (once per step, within the activations)")] if scaled_weights else []),
         ("activations", f"{result.activations / GIB:.2f} GiB"),
         ("optimizer-step temporaries", f"{result.optimizer_step_temporaries / GIB:.2f} GiB  "
                                        f"({optimizer_step_bytes_per_parameter(layout):g} B/param, {layout.adam_kernel} Adam)"),
