@@ -25,8 +25,10 @@ Tensor parallelism: a gate is replicated on every TP rank. The local linears gat
 rank's own shard inside megatron's ``_forward_impl`` (before any gather or reduction),
 so the gate gradient is always a partial sum over TP ranks: the gate passes through
 megatron's ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce
-backward). The embedding is gated on its output; its gradient is partial only when the
-output is reduce-scattered (sequence parallelism). The reduction lives inside autograd,
+backward), or, for gates applied once per step, its gradient is summed once, in the
+step's last backward (:meth:`~megatron_ext.linear_scaling.StepScale.sum_at_finish`).
+The embedding is gated on its output; its gradient is partial only when the output is
+reduce-scattered (sequence parallelism). The reduction lives inside autograd,
 so the CPU and GPU paths need no extra gradient hook (except for a tied output layer on
 its own pipeline stage, see :func:`allreduce_tied_gate_grads`).
 """
@@ -236,16 +238,20 @@ class WeSaRGates(torch.nn.Module):
         gates = {kind: _new_gate(value, device) for kind, value in values.items()}
         return cls(gates, None if column_gate is None else column_gate.to(device), reduce_grad, tp_group)
 
-    def forward(self) -> torch.Tensor:
+    def forward(self, step: Optional[StepScale] = None) -> torch.Tensor:
         """Scale of each local output feature: shape [1] or [local output features].
 
         Read through the module call (``self()``): megatron-core's DDP finishes a module's
         parameter all-gather in its forward pre-hook (``--overlap-param-gather``), and the
-        gates are this module's parameters, not their linear's.
+        gates are this module's parameters, not their linear's. ``step``: the linear's
+        :class:`StepScale` where it applies the gates once per step; their gradient is then
+        summed over TP once per step, at its last backward (:meth:`StepScale.sum_at_finish`).
         """
         params = list(self._parameters.values())
         gates = params[0].view(1) if len(params) == 1 else torch.stack(params)  # a view: no copy kernel
-        if self.reduce_grad:
+        if self.reduce_grad and step is not None:
+            gates = step.sum_at_finish(gates, self.tp_group)
+        elif self.reduce_grad:
             gates = copy_to_tensor_model_parallel_region(gates, group=self.tp_group)
         return gates if self.column_onehot is None else torch.mv(self.column_onehot.to(gates.dtype), gates)
 
@@ -412,7 +418,7 @@ class _ShardGating(_Gating):
         step, fused = self.wesar_step, weight_scale_fusion(self.config)
         if step is not None and step.defers(self.weight) and self.wesar_placement != "output":
             in_main_grad = kwargs.get("gradient_accumulation_fusion", False)
-            scaled = step(weight, self.wesar().to(weight.dtype), self.weight, fused, in_main_grad)
+            scaled = step(weight, self.wesar(step).to(weight.dtype), self.weight, fused, in_main_grad)
             return super()._forward_impl(input, scaled, *args, **kwargs)
         gathered = get_pg_size(self.tp_group) if kwargs.get("sequence_parallel") else 1
         if gate_on_weight(self.wesar_placement, input, weight, gathered):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -38,6 +40,30 @@ def build(config: TransformerConfig, extensions: ExtensionConfig = ExtensionConf
     """Seed, then build a model with megatron_ext.model.gpt_model."""
     cpu_manual_seed(seed)
     return gpt_model(config, extensions, vocab_size=VOCAB, max_sequence_length=SEQ, **kwargs)
+
+
+def build_fp64(config: TransformerConfig, extensions: ExtensionConfig = ExtensionConfig(), seed: int = 7, **kwargs):
+    """:func:`build` in double precision, for checks that compare sums taken in different orders.
+
+    megatron's torch norms take the default dtype and the WeSaR gates are created fp32, so
+    both are made fp64 too; megatron's vocab-parallel cross entropy still computes in fp32.
+    """
+    config = dataclasses.replace(config, params_dtype=torch.float64, pipeline_dtype=torch.float64)
+    original = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return build(config, extensions, seed, **kwargs).double()
+    finally:
+        torch.set_default_dtype(original)
+
+
+def assert_grads_close_to_scale(actual: dict, expected: dict, rel: float, what: str = "") -> None:
+    """Each gradient (by name) within ``rel`` of its tensor's largest entry. A WeSaR gate's
+    gradient is a sum with cancellation: an elementwise relative tolerance would measure that."""
+    assert actual.keys() == expected.keys()
+    for name, grad in expected.items():
+        error = float((actual[name] - grad).abs().max())
+        assert error <= rel * float(grad.abs().max()), f"{what} {name}: {error:.3g}"
 
 
 def batch(seed: int = 0, batch_size: int = 2) -> dict[str, torch.Tensor]:

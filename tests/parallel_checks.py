@@ -13,7 +13,7 @@ import itertools
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from model_utils import batch, build, forward_loss, logits, tiny_config
+from model_utils import batch, build, build_fp64, forward_loss, logits, tiny_config
 
 from megatron_ext import ExtensionConfig
 from megatron_ext.model import gpt_model_chunks
@@ -291,3 +291,58 @@ def wesar_tp_step(rank, world, cases: list[tuple[ExtensionConfig, dict, dict]], 
         results.append(per_tp)
     extensions, overrides, _ = cases[0]
     return results, pipeline_split_logits(rank, world, extensions, overrides, 0)
+
+
+@contextlib.contextmanager
+def counting_scale_all_reduces(counter: list):
+    """Append to ``counter`` every all-reduce of at most 3 elements (a linear's WeSaR gates;
+    every activation of the tiny models is larger)."""
+    original = dist.all_reduce
+
+    def counted(tensor, *args, **kwargs):
+        if tensor.numel() <= 3:
+            counter.append(tensor.numel())
+        return original(tensor, *args, **kwargs)
+
+    dist.all_reduce = counted
+    try:
+        yield
+    finally:
+        dist.all_reduce = original
+
+
+def once_per_step_tp(rank, world, extensions: ExtensionConfig, cases: list, micro_batches: int = 3,
+                     prores_step: int = 3) -> list:
+    """For each ``(overrides, gpt_model kwargs, tp2_overrides)``, per TP size (2, 1) and per
+    mode (``once`` under ``once_per_step``, else per micro batch): one step of ``micro_batches``
+    backwards in double precision at ProRes step ``prores_step``, NormFormer parameters away from
+    their init. Returns
+    {(tp, once): (losses, gathered grads, all-reduces of gate gradients in the backwards,
+    WeSaR linears whose gates were applied once per step)}.
+    """
+    from megatron_ext.linear_scaling import once_per_step, step_scales
+
+    results = [{} for _ in cases]
+    for tp in (2, 1):
+        initialize_cpu_parallel(tp, 1)
+        for per_case, (overrides, kwargs, tp2_overrides) in zip(results, cases):
+            for once in (False, True):
+                model = build_fp64(tiny_config(**overrides, **(tp2_overrides if tp > 1 else {})), extensions, **kwargs)
+                set_prores_step(model, prores_step)
+                perturb_normformer(model, 5)
+                scales, losses, reduces = step_scales([model]), [], []
+                with cpu_sequence_parallel(), once_per_step(scales if once else [], micro_batches):
+                    for m in range(micro_batches):
+                        loss = forward_loss(model, batch(seed=m)) / micro_batches
+                        with counting_scale_all_reduces(reduces):
+                            loss.backward()
+                        losses.append(float(loss))
+                    deferred = sum(1 for module in model.modules()
+                                   if getattr(module, "wesar_step", None) is not None and module.wesar_step.scaled is not None)
+                allreduce_sequence_parallel_grads([model])
+                grads = {
+                    name: gather_tp_partitions(p, p.grad) if getattr(p, "tensor_model_parallel", False) else p.grad
+                    for name, p in model.named_parameters()
+                }
+                per_case[(tp, once)] = (losses, grads, len(reduces), deferred)
+    return results

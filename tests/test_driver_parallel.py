@@ -16,13 +16,16 @@ from megatron_ext.training.loop import EXIT_SIGNAL_SAVED
 
 
 def test_tensor_parallel_2_matches_1_with_all_methods(tmp_path, byte_dataset):
-    flags = dict(train_iters=5, eval_iters=0, lr_warmup_iters=0, lr=1e-2, swiglu=True, num_query_groups=2)
+    # two micro batches per step: the weight-side scales once per step (TP=2: gates summed once)
+    flags = dict(train_iters=5, eval_iters=0, lr_warmup_iters=0, lr=1e-2, swiglu=True, num_query_groups=2,
+                 global_batch_size=8)
     tp2 = tmp_path / "tp2"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(REPO / "pretrain_gpt.py"), *tiny_flags(byte_dataset, save=tp2, tensor_model_parallel_size=2, **flags), *METHOD_FLAGS]
     run = subprocess.run(cmd, env=launch_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "world size: 2 (tensor 2" in run.stdout
+    assert "10 weight-side scales (WeSaR gates, NormFormer head scales) applied once per step of 2" in run.stdout
     tp1 = tmp_path / "tp1"
     assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tp1, **flags) + METHOD_FLAGS) == 0
     one, two = train_losses(tp1), train_losses(tp2)

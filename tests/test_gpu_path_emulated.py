@@ -353,13 +353,15 @@ def test_weights_scaled_once_per_step_train_as_per_micro_batch_in_an_interleaved
 def test_gradient_accumulation_fusion_accumulates_the_scaled_linears_once_per_step(tmp_path, byte_dataset):
     """--gradient-accumulation-fusion (megatron-core's wgrad GEMM into main_grad; a CPU
     stand-in for APEX's kernel here) with all methods and 4 micro batches: once per step
-    every gated decoder linear accumulates through the fused GEMM (per micro batch only
-    those whose gate is on the output can: elsewhere the matmul sees the scaled weight),
-    and both train as the unfused run."""
+    (its finish eager, or compiled with --weight-scale-fusion) every gated decoder linear
+    accumulates through the fused GEMM (per micro batch only those whose gate is on the
+    output can: elsewhere the matmul sees the scaled weight), and all train as the
+    unfused run."""
     run = dict(RUN, global_batch_size=16, save_interval=None)
     env = {"PYTHONPATH": f"{REPO / 'tests' / 'fake_apex'}:{REPO}"}
     histories, calls = {}, {}
     for name, extra in (("once", ["--gradient-accumulation-fusion"]),
+                        ("once-compiled-finish", ["--gradient-accumulation-fusion", "--weight-scale-fusion"]),
                         ("per-micro-batch", ["--gradient-accumulation-fusion", "--no-weight-scale-once-per-step"]),
                         ("unfused", ["--no-gradient-accumulation-fusion"])):
         output = emulated(1, tiny_flags(byte_dataset, tensorboard_dir=tmp_path / name, **run) + METHOD_FLAGS + extra,
@@ -369,6 +371,7 @@ def test_gradient_accumulation_fusion_accumulates_the_scaled_linears_once_per_st
     # 2 layers x 4 gated linears x 4 micro batches x 6 steps (the tied output layer's gate is per
     # micro batch); per micro batch only fc2, whose 128 inputs are not fewer than the 128 token
     # rows, keeps its gate on the output and its fused GEMM
-    assert calls == {"once": 2 * 4 * 4 * 6, "per-micro-batch": 2 * 1 * 4 * 6, "unfused": 0}
-    assert_same(histories["once"], histories["unfused"], range(1, 7), rel=1e-5)
-    assert_same(histories["per-micro-batch"], histories["unfused"], range(1, 7), rel=1e-5)
+    assert calls == {"once": 2 * 4 * 4 * 6, "once-compiled-finish": 2 * 4 * 4 * 6,
+                     "per-micro-batch": 2 * 1 * 4 * 6, "unfused": 0}
+    for name in ("once", "once-compiled-finish", "per-micro-batch"):
+        assert_same(histories[name], histories["unfused"], range(1, 7), rel=1e-5)

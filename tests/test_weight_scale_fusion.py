@@ -13,6 +13,7 @@ from model_utils import LLAMA_LIKE, batch, build, forward_loss, tiny_config
 from megatron_ext import ExtensionConfig, NormFormerConfig, ProResConfig, WeSaRConfig, linear_scaling
 from megatron_ext.config import weight_scale_fusion
 from megatron_ext.linear_scaling import scale_weight
+from megatron_ext.prores import set_prores_step
 
 # (scale length, dim): one gate; a gate per row (QKV, SwiGLU fc1); a factor per column (head scale).
 CASES = {"one-gate": (1, 0), "per-row": (12, 0), "per-column": (10, 1)}
@@ -68,6 +69,7 @@ def test_every_weight_side_scale_of_a_model_takes_the_fused_kernel_and_computes_
     data, results, counts = batch(batch_size=16), [], []  # 256 tokens: more rows than any weight has columns
     for fusion in (False, True):
         model = build(dataclasses.replace(config, weight_scale_fusion=fusion), ALL)
+        set_prores_step(model, 3)  # every layer's branch on (step 0 would scale them all by 0)
         loss = forward_loss(model, data)
         loss.backward()
         results.append((loss.detach(), {name: p.grad for name, p in model.named_parameters()}))
@@ -78,6 +80,7 @@ def test_every_weight_side_scale_of_a_model_takes_the_fused_kernel_and_computes_
     assert eager_calls == 4 * 5 + 1 and counts[0]["fused"] == 0
     assert counts[1] == {"eager": 0, "fused": eager_calls}
     (eager_loss, eager_grads), (fused_loss, fused_grads) = results
+    assert all(grad.abs().max() > 0 for grad in eager_grads.values())
     torch.testing.assert_close(fused_loss, eager_loss, rtol=1e-6, atol=0)
     for name, grad in eager_grads.items():
         torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-7, msg=name)
