@@ -90,8 +90,6 @@ def pipeline_split_logits(rank, world, extensions: ExtensionConfig, overrides: d
 
 def tp_loss_and_grads(rank, world, extensions: ExtensionConfig, overrides: dict, step: int, tp_sizes=(2, 1)):
     """Per TP size: (loss, global grad norm, gathered grads by name) after one backward."""
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
     results = {}
     for tp in tp_sizes:
         initialize_cpu_parallel(tp, 1)
@@ -100,13 +98,7 @@ def tp_loss_and_grads(rank, world, extensions: ExtensionConfig, overrides: dict,
         loss = forward_loss(model, batch())
         loss.backward()
         allreduce_sequence_parallel_grads([model])
-        grads = {}
-        for name, param in model.named_parameters():
-            grad = param.grad
-            if getattr(param, "tensor_model_parallel", False):
-                grad = gather_tp_partitions(param, grad)
-            grads[name] = grad
-        results[tp] = (float(loss), grad_norm(model.parameters()), grads)
+        results[tp] = (float(loss), grad_norm(model.parameters()), gathered_grads(model))
     return results
 
 
@@ -121,6 +113,12 @@ def gather_tp_partitions(param: torch.nn.Parameter, shard: torch.Tensor) -> torc
     dist.all_gather(parts, shard.contiguous(), group=parallel_state.get_tensor_model_parallel_group())
     chunks = [part.chunk(stride, dim=dim) for part in parts]
     return torch.cat([rank_chunks[s] for s in range(stride) for rank_chunks in chunks], dim=dim)
+
+
+def gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter's gradient by name, TP-partitioned ones gathered to their full tensor."""
+    return {name: gather_tp_partitions(p, p.grad) if getattr(p, "tensor_model_parallel", False) else p.grad
+            for name, p in model.named_parameters()}
 
 
 def set_tp_invariant(param: torch.nn.Parameter, full: torch.Tensor) -> None:
@@ -178,11 +176,7 @@ def tp_cases_loss_and_grads(rank, world, cases: list, step: int = 0, perturb_see
                 loss = forward_loss(model, batch())
                 loss.backward()
             allreduce_sequence_parallel_grads([model])
-            grads = {
-                name: gather_tp_partitions(p, p.grad) if getattr(p, "tensor_model_parallel", False) else p.grad
-                for name, p in model.named_parameters()
-            }
-            per_tp[tp] = (float(loss), grads)
+            per_tp[tp] = (float(loss), gathered_grads(model))
     return [per_tp if rank == 0 else None for per_tp in results]
 
 
@@ -340,9 +334,5 @@ def once_per_step_tp(rank, world, extensions: ExtensionConfig, cases: list, micr
                     deferred = sum(1 for module in model.modules()
                                    if getattr(module, "wesar_step", None) is not None and module.wesar_step.scaled is not None)
                 allreduce_sequence_parallel_grads([model])
-                grads = {
-                    name: gather_tp_partitions(p, p.grad) if getattr(p, "tensor_model_parallel", False) else p.grad
-                    for name, p in model.named_parameters()
-                }
-                per_case[(tp, once)] = (losses, grads, len(reduces), deferred)
+                per_case[(tp, once)] = (losses, gathered_grads(model), len(reduces), deferred)
     return results
