@@ -19,12 +19,14 @@ few composite ops decompose differently on a GPU); the methods' own ops are the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
+from unittest import mock
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -43,12 +45,31 @@ logger = logging.getLogger("bench.op_census")
 BYTES_PER_ELEMENT = 2  # bf16 activations and weights
 
 
+@contextlib.contextmanager
+def _one_rank_all_reduce_skipped() -> Iterator[None]:
+    """``torch.distributed.all_reduce`` over a one-rank group returns at once.
+
+    The census runs one rank, where megatron-core's vocab-parallel cross entropy still
+    all-reduces (the identity); torch 2.7 and earlier have no fake kernel for c10d's
+    all-reduce, so on fake tensors it would raise.
+    """
+    all_reduce = torch.distributed.all_reduce
+
+    def skip_one_rank(tensor: torch.Tensor, *args, group=None, **kwargs):
+        if torch.distributed.get_world_size(group) == 1:
+            return None
+        return all_reduce(tensor, *args, group=group, **kwargs)
+
+    with mock.patch.object(torch.distributed, "all_reduce", skip_one_rank):
+        yield
+
+
 def census_of_variant(shape: harness.Shape, variant: str, data_prefix: Path) -> tuple[OpCensus, float]:
     """Census of one fake micro-batch (forward + backward) and the micro-batch's model FLOPs."""
     flags = shape.flags() + ["--train-iters", "1"] + list(harness.METHOD_FLAGS[variant])
     args = harness.driver_args(flags, data_prefix, "cpu")
     vocab = setup.padded_vocab_size(harness.GPT2_VOCAB_SIZE, args.make_vocab_size_divisible_by)
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    with FakeTensorMode(allow_non_fake_inputs=True), _one_rank_all_reduce_skipped():
         (model,) = setup.build_model_chunks(args, extension_config(args), vocab)
         tokens = torch.zeros(shape.micro_batch_size, shape.seq_length, dtype=torch.long)
         positions = torch.arange(shape.seq_length).expand_as(tokens)

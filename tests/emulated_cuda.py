@@ -24,6 +24,7 @@ compilation for the GPU), NCCL, Transformer Engine, streams and memory, speed.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import runpy
 import sys
@@ -175,11 +176,25 @@ _RNG_NOTICE = "CPU RNG state changed within GPU RNG context"
 EMULATED_MEMORY = 80 * 2**30  # bytes free and in all, as an idle 80 GB GPU
 
 
+def _register_inductor_patterns_for_the_cpu() -> None:
+    """Register inductor's pattern-matcher patterns now, for the CPU.
+
+    torch 2.7 and earlier register them once, on CUDA tensors whenever CUDA answers
+    available, which under the emulation calls the driver; later releases take the
+    compiled graph's device (a parameter of ``lazy_init``) and need nothing here.
+    """
+    from torch._inductor.fx_passes import joint_graph
+
+    if "input_device" not in inspect.signature(joint_graph.lazy_init).parameters:
+        joint_graph.lazy_init()
+
+
 @contextlib.contextmanager
 def emulated_cuda() -> Iterator[None]:
     """One emulated CUDA device for the duration of the block (see the module docstring)."""
     from megatron.core.tensor_parallel import random as megatron_random
 
+    _register_inductor_patterns_for_the_cpu()
     patches = {
         "is_available": _returning(True), "device_count": _returning(1), "current_device": _returning(0),
         "set_device": _returning(None), "synchronize": _returning(None), "empty_cache": _returning(None),

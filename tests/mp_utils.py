@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import multiprocessing as mp
 import os
+import queue as queue_module
 import socket
 import traceback
 from typing import Any, Callable
@@ -49,7 +50,11 @@ def run_distributed(fn: Callable, world_size: int, *args: Any, timeout: float = 
     errors = []
     try:
         for _ in range(world_size):
-            rank, ok, value = queue.get(timeout=timeout)
+            try:
+                rank, ok, value = queue.get(timeout=timeout)
+            except queue_module.Empty:
+                errors.append(f"no result from {world_size - len(results)} rank(s) within {timeout} s")
+                break
             if ok:
                 results[rank] = torch.load(io.BytesIO(value), weights_only=False)
             else:
