@@ -236,7 +236,7 @@ class _ScaleOncePerStep(torch.autograd.Function):
                                f"{step.backward_calls - 1} micro batches")
         rows, accumulated_rows = weight.transpose(0, step.dim), accumulated.transpose(0, step.dim)
         if ctx.in_main_grad:
-            finish_accumulated = fused_finish_accumulated_rows if ctx.fused else _finish_accumulated_eagerly
+            finish_accumulated = fused_finish_accumulated_rows if ctx.fused else finish_accumulated_rows
             return grad, finish_accumulated(accumulated_rows, rows, scale).to(scale.dtype), None, None
         finish = fused_finish_rows if ctx.fused else _finish_rows_eagerly
         grad_scale, grad_weight = finish(accumulated_rows, rows, grad.transpose(0, step.dim), scale)
@@ -280,12 +280,11 @@ def finish_accumulated_rows(accumulated: torch.Tensor, weight: torch.Tensor, sca
     """The last micro batch's finish when ``A`` already holds its gradient (megatron's
     gradient-accumulation fusion): ``d s_i = <A_i, W_i>`` (fp32), then ``A *= s`` in place.
 
-    Written for ``torch.compile`` (:data:`fused_finish_accumulated_rows`): one kernel over ``A``
-    and ``W`` (in inductor's CPU code at least), about 10 bytes per element with an fp32 ``A``
-    and a bf16 ``W``, where the eager form (:func:`_finish_accumulated_eagerly`) goes through
-    an fp32 product and reads ``A`` twice (about 22).
+    Eagerly, with an fp32 ``A`` and a bf16 ``W``, that goes through an fp32 product and reads
+    ``A`` twice (about 22 bytes per element); compiled (:data:`fused_finish_accumulated_rows`)
+    it is one kernel over ``A`` and ``W`` (in inductor's CPU code at least), about 10.
     """
-    grad_scale = _row_sums(accumulated * weight, scale.numel())
+    grad_scale = _row_dots(accumulated, weight, scale.numel())
     accumulated.mul_(scale.to(accumulated.dtype).view(-1, 1))
     return grad_scale
 
@@ -293,19 +292,11 @@ def finish_accumulated_rows(accumulated: torch.Tensor, weight: torch.Tensor, sca
 fused_finish_accumulated_rows = jit_fuser(finish_accumulated_rows)
 
 
-def _finish_accumulated_eagerly(accumulated: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """:func:`finish_accumulated_rows` with torch's kernels: ``<A_i, W_i>`` (through an fp32
-    temporary when ``A`` is fp32 and ``W`` is not), then ``A *= s`` in place."""
-    grad_scale = _row_dots(accumulated, weight, scale.numel())
-    accumulated.mul_(scale.to(accumulated.dtype).view(-1, 1))
-    return grad_scale
-
-
 def _finish_rows_eagerly(accumulated: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor,
                          scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`finish_rows` with torch's kernels: a dot product for ``G``, then
-    :func:`_finish_accumulated_eagerly` for ``A`` and ``s * G``."""
-    grad_scale = _row_dots(grad, weight, scale.numel()) + _finish_accumulated_eagerly(accumulated, weight, scale)
+    :func:`finish_accumulated_rows` for ``A`` and ``s * G``."""
+    grad_scale = _row_dots(grad, weight, scale.numel()) + finish_accumulated_rows(accumulated, weight, scale)
     return grad_scale, _times(grad, scale)
 
 

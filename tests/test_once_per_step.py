@@ -131,7 +131,7 @@ def test_the_scaled_weight_is_computed_once_per_step_and_reused(monkeypatch):
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "compiled"])
 def test_the_finish_under_gradient_accumulation_fusion_takes_the_kernel_the_fusion_flag_names(fused, monkeypatch):
     calls = []
-    for name, kind in (("_finish_accumulated_eagerly", "eager"), ("fused_finish_accumulated_rows", "compiled")):
+    for name, kind in (("finish_accumulated_rows", "eager"), ("fused_finish_accumulated_rows", "compiled")):
         original = getattr(linear_scaling, name)
         monkeypatch.setattr(linear_scaling, name, lambda *a, kind=kind, original=original: calls.append(kind) or original(*a))
     weight, scales = _leaves(["per-row", "per-column"], "wgrad-fusion")
