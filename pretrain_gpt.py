@@ -52,6 +52,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     setup.configure_logging(env.rank)
     created = init_process_group(env, use_cuda)
+    every_rank_finished = False  # set once training returned, a collective decision
     try:
         initialize_model_parallel(args, use_cuda)
         logger.info(setup.describe_parallelism(args, env.world_size))
@@ -76,11 +77,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 model_flops_per_iteration(args, tokenizer.vocab_size), device,
                 GpuMonitor() if use_cuda else None,
             )
-            return trainer.train()
+            code = trainer.train()
+            every_rank_finished = True
+            return code
         finally:
             writer.close()
     finally:
-        shutdown(created)
+        shutdown(created, every_rank_finished)
 
 
 if __name__ == "__main__":

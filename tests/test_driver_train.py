@@ -175,6 +175,43 @@ def test_nonfinite_steps_are_skipped_and_the_run_stops(tmp_path, byte_dataset, m
     assert read_tracker(tmp_path) is None  # a diverged run saves nothing
 
 
+@pytest.mark.parametrize("outcome", ["finished", "failed"])
+def test_ranks_meet_before_the_groups_go_only_after_a_finished_run(tmp_path, byte_dataset, monkeypatch, outcome):
+    """Shutdown waits at a barrier before destroying the groups (torch < 2.8's gloo destructor
+    deadlock) when training returned on every rank, and never after a rank failed alone."""
+    import megatron_ext.training.distributed as distributed
+    from megatron_ext.training import loop
+
+    events = []
+
+    def recorded(event, real):
+        def call(*args, **kwargs):
+            events.append(event)
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(distributed.dist, "barrier", recorded("barrier", distributed.dist.barrier))
+    monkeypatch.setattr(distributed.parallel_state, "destroy_model_parallel",
+                        recorded("destroy", distributed.parallel_state.destroy_model_parallel))
+    real_train = loop.Trainer.train
+
+    def train(self):
+        events.clear()  # building the groups destroyed megatron's former ones
+        if outcome == "failed":
+            raise RuntimeError("this rank failed alone")
+        return real_train(self)
+
+    monkeypatch.setattr(loop.Trainer, "train", train)
+    argv = tiny_flags(byte_dataset, eval_iters=0, train_iters=3)
+    if outcome == "finished":
+        assert pretrain_gpt.main(argv) == 0
+        assert events == ["barrier", "destroy"]
+        return
+    with pytest.raises(RuntimeError, match="failed alone"):
+        pretrain_gpt.main(argv)
+    assert events == ["destroy"]
+
+
 def test_spike_detector_flags_only_outliers():
     detector = SpikeDetector(window=20, num_std=5.0)
     g = torch.Generator().manual_seed(0)

@@ -119,8 +119,18 @@ def initialize_model_parallel(args: argparse.Namespace, use_cuda: bool) -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
 
-def shutdown(created_group: bool) -> None:
-    """Tear down megatron's groups, and the world if this process created it."""
+def shutdown(created_group: bool, every_rank_finished: bool = False) -> None:
+    """Tear down megatron's groups, and the world if this process created it.
+
+    With ``every_rank_finished`` (all ranks got here from the same, completed run), the
+    ranks first wait at a barrier with the GIL released, so that gloo's workers retire the
+    last collectives before their groups are destroyed: until torch 2.8
+    (pytorch/pytorch#154976) a gloo group's destructor holds the GIL while it waits for its
+    workers, and a worker dropping the last reference to a tensor needs the GIL. Without it
+    (a rank that failed alone), no rank waits for the others.
+    """
+    if every_rank_finished and dist.is_initialized():
+        dist.barrier()
     parallel_state.destroy_model_parallel()
     if created_group and dist.is_initialized():
         dist.destroy_process_group()
