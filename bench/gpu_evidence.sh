@@ -20,8 +20,10 @@
 # convergence (7 pretrain_gpt.py runs side by side on the GPU, then tools/plot_runs.py). Each
 # stage runs under its own time limit (CHECK_TIMEOUT, SPEED_TIMEOUT, PROFILE_TIMEOUT,
 # ACCUMULATION_TIMEOUT, MEMORY_TIMEOUT, CONV_TIMEOUT seconds) so that one call never reaches
-# the device's 600 s limit and the results so far always come back; step_time.py writes its JSON after every variant. A failing stage does not
-# stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
+# the device's 600 s limit and the results so far always come back; the benchmarks write
+# their JSON after every variant, and a variant or primitive that raises is recorded there
+# with its error (its traceback in the stage's log) while the others go on, the stage then
+# exiting 1. A failing stage does not stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
 # the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl (not the
 # checkpoints). The output ends in a digest of the results (summary, speed table, memory fit,
 # the check's throughput) for a reader who sees only its last lines.
@@ -156,18 +158,14 @@ r = json.load(open('$OUT/step_time.json')); print(step_time.markdown(r['results'
     [ -f "$OUT/memory_13b.json" ] && python3 -c "import json; r = json.load(open('$OUT/memory_13b.json'))
 gib = lambda x: 'n/a' if x is None else '%.2f' % (x / 2**30)
 for name, v in r['variants'].items():
-    for p in v['points']: print(name, p['layers'], 'layers, GiB: peak', gib(p['peak_allocated']), 'forward-backward',
+    for p in v.get('points', []): print(name, p['layers'], 'layers, GiB: peak', gib(p['peak_allocated']), 'forward-backward',
                                 gib(p.get('peak_forward_backward')), 'optimizer step', gib(p.get('peak_optimizer_step')),
                                 'estimated', gib(p.get('estimated_peak')), p.get('adam_kernel'), 'Adam')
     print(name, {k: x for k, x in v.items() if k != 'points'})
 print('layouts_13b', json.dumps(r.get('layouts_13b'))[:2500])"
-    for profile in profile accumulation; do [ -f "$OUT/$profile.json" ] && python3 -c "import json; r = json.load(open('$OUT/$profile.json'))
-print('$profile: micro batches per iteration', r.get('micro_batches', 1))
-for shape, results in r['shapes'].items():
-    for name, v in results.items():
-        if name != 'primitives': print(shape, name, {k: round(v[k], 1) for k in ('iteration_ms', 'forward_backward_ms', 'optimizer_ms')},
-                                       'synchronisations', sum(n for s, n in v.get('synchronizing_calls', {}).items() if s != 'error'))
-    for name, v in results.get('primitives', {}).items(): print(shape, name, 'GPU ms %.3f, host ms %.3f' % (v['gpu_ms'], v['host_ms']))"
+    for profile in profile accumulation; do [ -f "$OUT/$profile.json" ] && python3 -W ignore -c "import json, sys
+sys.path.insert(0, 'bench'); import profile_step
+print('$profile:', profile_step.summary(json.load(open('$OUT/$profile.json'))))"
     done
     [ -f "$OUT/convergence.md" ] && cat "$OUT/convergence.md"
 }

@@ -17,7 +17,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,8 @@ from megatron_ext.training.arguments import parse_args, validate_args
 from megatron_ext.training.configs import extension_config
 from megatron_ext.training.distributed import detect_environment, init_process_group, initialize_model_parallel
 from megatron_ext.training.optimization import StepResult
+
+logger = logging.getLogger("bench.harness")
 
 GPT2_VOCAB_SIZE = 50257
 METHOD_FLAGS: dict[str, tuple[str, ...]] = {
@@ -154,6 +156,33 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def measured(label: str, measure: Callable[[], dict]) -> dict:
+    """``measure()``, or ``{"error": "<type>: <message>"}`` when it raises (the traceback goes to
+    the log): a variant that fails on the device (a kernel that does not compile there, say)
+    must not cost a time-limited run the variants after it. The failed run's memory is
+    handed back and the peak counter reset before the next."""
+    try:
+        return measure()
+    except Exception as error:  # recorded in the report and logged; the caller's exit status says so
+        logger.exception("%s failed; going on with the next", label)
+        failure = {"error": f"{type(error).__name__}: {error}"}
+    free_memory()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    return failure
+
+
+def failures(shapes: dict[str, dict]) -> list[str]:
+    """``"<shape> <entry>"`` of every variant, or primitive (under a shape's ``"primitives"``),
+    that :func:`measured` recorded as failed."""
+    failed = []
+    for shape, results in shapes.items():
+        for name, entry in results.items():
+            entries = entry.items() if name == "primitives" else [(name, entry)]
+            failed += [f"{shape} {label}" for label, r in entries if "error" in r]
+    return failed
 
 
 def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype, n: int, rounds: int = 10,

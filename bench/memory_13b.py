@@ -26,6 +26,7 @@ plus that phase's unmodelled constant ``a - estimated fixed part``.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -235,6 +236,15 @@ def fit_and_confirm(shape: harness.Shape, variant: str, points: list[dict], data
     return {"max_layers_fitting": largest["layers"] if largest else None, **correction(shape, variant, points)}
 
 
+def variant_entry(shape: harness.Shape, variant: str, data: Path, args: argparse.Namespace, use_cuda: bool) -> dict:
+    """One variant's points (every ``--layers`` count) and, on a GPU, their fit and confirmation."""
+    points = [measure(shape, n, variant, data, args.device, args.iterations) for n in sorted(set(args.layers))]
+    entry: dict = {"points": points}
+    if use_cuda:
+        entry.update(fit_and_confirm(shape, variant, points, data, args))
+    return entry
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -267,10 +277,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report["device"] = torch.cuda.get_device_name(0)
                 report["device_memory_gib"] = torch.cuda.mem_get_info()[1] / GIB
             for variant in args.variants:
-                points = [measure(shape, n, variant, data, args.device, args.iterations) for n in sorted(set(args.layers))]
-                entry: dict = {"points": points}
-                if world_args.use_cuda:
-                    entry.update(fit_and_confirm(shape, variant, points, data, args))
+                entry = harness.measured(variant, functools.partial(
+                    variant_entry, shape, variant, data, args, world_args.use_cuda))
                 report["variants"][variant] = entry
                 logger.info("%s: %s", variant, json.dumps({k: v for k, v in entry.items() if k != "points"}))
                 harness.write_report(args.output, report)  # what is measured so far, should a later run stall
@@ -279,7 +287,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             shutdown(created)
     harness.write_report(args.output, report)
-    return 0
+    failed = harness.failures({shape.name: report["variants"]})
+    if failed:
+        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -227,6 +227,12 @@ def _gpu_ms(fn: Callable[[], object], device: torch.device, reps: int = 20) -> d
     return {"gpu_ms": 1e3 * host, "host_ms": 1e3 * host}
 
 
+def _timed_primitive(label: str, fn: Callable[[], None], device: torch.device) -> dict:
+    """:func:`_gpu_ms` of ``fn``, or its error: a primitive that does not compile on this device
+    must not cost the run the primitives and variants after it."""
+    return harness.measured(label, functools.partial(_gpu_ms, fn, device))
+
+
 def _forward_backward(fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
                       grad: torch.Tensor) -> Callable[[], None]:
     """One forward and backward of ``fn(*inputs)`` against ``grad``, the inputs' grads dropped after."""
@@ -257,8 +263,8 @@ def weight_scale_primitives(shape: harness.Shape, device: torch.device, dtype: t
         grad = torch.randn(rows, columns, device=device, dtype=dtype)
         for fused, name in ((False, "eager"), (True, "compiled")):
             scaled = functools.partial(scale_weight, dim=dim, fused=fused)
-            out[f"weight scale, {label}, forward+backward: {name}"] = _gpu_ms(
-                _forward_backward(scaled, (weight, scale), grad), device)
+            key = f"weight scale, {label}, forward+backward: {name}"
+            out[key] = _timed_primitive(key, _forward_backward(scaled, (weight, scale), grad), device)
     return out
 
 
@@ -285,9 +291,11 @@ def ffn_norm_primitives(shape: harness.Shape, device: torch.device, dtype: torch
         "compiled bias-GeLU, then torch's layer_norm":
             lambda x, b, w, nb: F.layer_norm(normformer.fused_ffn_activation(x, b, *act), (f,), w, nb, 1e-5),
     }
-    return {f"FFN norm {tokens}x{f}, forward+backward: {name}":
-            _gpu_ms(_forward_backward(fn, (x, bias, weight, norm_bias), grad), device)
-            for name, fn in variants.items()}
+    out = {}
+    for name, fn in variants.items():
+        key = f"FFN norm {tokens}x{f}, forward+backward: {name}"
+        out[key] = _timed_primitive(key, _forward_backward(fn, (x, bias, weight, norm_bias), grad), device)
+    return out
 
 
 def adam_primitives(shape: harness.Shape, vocab_size: int, device: torch.device) -> dict:
@@ -298,16 +306,18 @@ def adam_primitives(shape: harness.Shape, vocab_size: int, device: torch.device)
     layer = [(3 * h, h), (3 * h,), (h, h), (h,), (f, h), (f,), (h, f), (h,)] + [(h,)] * 4
     sizes = layer * shape.num_layers + [(vocab_size, h), (shape.seq_length, h), (h,), (h,)]
     count = sum(math.prod(size) for size in sizes)
-    out = {}
-    for fused, name in ((None, "torch's default, foreach on a GPU (megatron-core's fallback)"),
-                        (True, "fused (the GPU engine)")):
+
+    def update(fused: Optional[bool]) -> dict:
         params = [torch.zeros(size, device=device, requires_grad=True) for size in sizes]
         for param in params:
             param.grad = torch.full_like(param, 1e-3)
-        optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=fused)
-        out[f"AdamW update of {count / 1e9:.2f}B fp32 parameters in {len(sizes)} tensors: {name}"] = _gpu_ms(
-            optimizer.step, device, reps=5)
-        del optimizer, params
+        return _gpu_ms(torch.optim.AdamW(params, lr=1e-4, weight_decay=0.1, fused=fused).step, device, reps=5)
+
+    out = {}
+    for fused, name in ((None, "torch's default, foreach on a GPU (megatron-core's fallback)"),
+                        (True, "fused (the GPU engine)")):
+        key = f"AdamW update of {count / 1e9:.2f}B fp32 parameters in {len(sizes)} tensors: {name}"
+        out[key] = harness.measured(key, functools.partial(update, fused))
         harness.free_memory()
     return out
 
@@ -316,6 +326,26 @@ def primitives(shape: harness.Shape, vocab_size: int, device: torch.device, dtyp
     """The methods' kernels at ``shape``'s sizes as the library runs them, each beside its alternatives."""
     return {**weight_scale_primitives(shape, device, dtype), **ffn_norm_primitives(shape, device, dtype),
             **adam_primitives(shape, vocab_size, device)}
+
+
+def summary(report: dict) -> str:
+    """A few lines per shape for a log's end: each variant's phases and synchronising calls, each
+    primitive's GPU and host ms; an entry that failed, with its error."""
+    lines = [f"micro batches per iteration {report.get('micro_batches', 1)}"]
+    for shape, results in report["shapes"].items():
+        for name, r in results.items():
+            if name == "primitives":
+                continue
+            if "error" in r:
+                lines.append(f"{shape} {name} failed: {r['error'][:300]}")
+                continue
+            phases = {key: round(r[key], 1) for key in ("iteration_ms", "forward_backward_ms", "optimizer_ms")}
+            syncs = sum(n for site, n in r.get("synchronizing_calls", {}).items() if site != "error")
+            lines.append(f"{shape} {name} {phases} synchronisations {syncs}")
+        for name, r in results.get("primitives", {}).items():
+            timing = r["error"][:300] if "error" in r else f"GPU ms {r['gpu_ms']:.3f}, host ms {r['host_ms']:.3f}"
+            lines.append(f"{shape} {name}: {timing}")
+    return "\n".join(lines)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -362,19 +392,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     results["primitives"] = primitives(shape, vocab, device, dtype)
                     harness.write_report(args.output, report)
                 for spec in args.variants:
-                    r = measure_variant(shape, spec, data, args)
-                    base = results.get(args.variants[0])
-                    if base is not None and spec != args.variants[0]:
+                    r = harness.measured(f"{shape.name} {spec}",
+                                         functools.partial(measure_variant, shape, spec, data, args))
+                    base = results.get(args.variants[0], {"error": "not measured"})
+                    if "error" not in r and "error" not in base and spec != args.variants[0]:
                         r["vs_first"] = {kind: difference(r["profile"][kind], base["profile"][kind])
                                          for kind in ("host_ops", "kernels")}
                     results[spec] = r
-                    logger.info("%s %s: %.1f ms (forward-backward %.1f, optimizer %.1f), GPU busy %.1f of %.1f ms",
-                                shape.name, spec, r["iteration_ms"], r["forward_backward_ms"], r["optimizer_ms"],
-                                r["profile"]["gpu_busy_ms"], r["profile"]["wall_ms"])
+                    if "error" not in r:
+                        logger.info("%s %s: %.1f ms (forward-backward %.1f, optimizer %.1f), GPU busy %.1f of %.1f ms",
+                                    shape.name, spec, r["iteration_ms"], r["forward_backward_ms"], r["optimizer_ms"],
+                                    r["profile"]["gpu_busy_ms"], r["profile"]["wall_ms"])
                     harness.write_report(args.output, report)
         finally:
             shutdown(created)
-    return 0
+    failed = harness.failures(report["shapes"])
+    if failed:
+        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

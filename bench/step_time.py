@@ -18,6 +18,7 @@ the same process, and the overhead ``median / median(baseline) - 1``.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import shlex
 import statistics
@@ -103,6 +104,9 @@ def markdown(results: dict, ceiling: float) -> str:
              "|---|---|---:|---:|---:|---:|---:|"]
     for shape, variants in results.items():
         for name, r in variants.items():
+            if "error" in r:
+                lines.append(f"| {shape} | {name} | failed: {r['error'][:200].replace('|', '/')} | | | | |")
+                continue
             lines.append(f"| {shape} | {name} | {r['ms_per_iteration']:.1f} ({r['p10_ms']:.1f}-{r['p90_ms']:.1f}) | "
                          f"{r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {100 * r['mfu']:.1f}% | "
                          f"{100 * r['overhead']:+.2f}% |")
@@ -127,10 +131,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_overheads(variants: dict[str, dict]) -> None:
-    """Each variant's ``overhead``: its ms/iteration over the same shape's baseline, minus 1 (NaN without one)."""
+    """Each measured variant's ``overhead``: its ms/iteration over the same shape's baseline, minus 1
+    (NaN without a measured baseline)."""
     base = variants.get("baseline")
+    base_ms = base["ms_per_iteration"] if base and "error" not in base else float("nan")
     for r in variants.values():
-        r["overhead"] = r["ms_per_iteration"] / base["ms_per_iteration"] - 1 if base else float("nan")
+        if "error" not in r:
+            r["overhead"] = r["ms_per_iteration"] / base_ms - 1
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -163,18 +170,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for shape in shapes:
                 results[shape.name] = {}
                 for variant in args.variants:
-                    r = time_variant(shape, variant, data, args.device, args.warmup, args.iters,
-                                     shlex.split(args.extra_flags))
-                    r["mfu"] = r["model_tflops"] / ceiling
+                    r = harness.measured(f"{shape.name} {variant}", functools.partial(
+                        time_variant, shape, variant, data, args.device, args.warmup, args.iters,
+                        shlex.split(args.extra_flags)))
                     results[shape.name][variant] = r
-                    logger.info("%s %s: %.2f ms/iteration", shape.name, variant, r["ms_per_iteration"])
+                    if "error" not in r:
+                        r["mfu"] = r["model_tflops"] / ceiling
+                        logger.info("%s %s: %.2f ms/iteration", shape.name, variant, r["ms_per_iteration"])
                     add_overheads(results[shape.name])
                     # After every variant: a run stopped by a time limit keeps what it finished.
                     harness.write_report(args.output, report)
         finally:
             shutdown(created)
     print(markdown(results, ceiling))
-    return 0
+    failed = harness.failures(results)
+    if failed:
+        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
