@@ -23,10 +23,11 @@
 # the device's 600 s limit and the results so far always come back; the benchmarks write
 # their JSON after every variant, and a variant or primitive that raises is recorded there
 # with its error (its traceback in the stage's log) while the others go on, the stage then
-# exiting 1. A failing stage does not stop the next. Everything lands in $OUT (default: runs/gpu_evidence): the JSON results,
-# the PNG and its table, and evidence.tar.gz with every log and metrics.jsonl (not the
-# checkpoints). The output ends in a digest of the results (summary, speed table, memory fit,
-# the check's throughput) for a reader who sees only its last lines.
+# exiting 1. A failing stage does not stop the next. Everything lands in $OUT (default:
+# runs/gpu_evidence): the JSON results, the PNG and its table, and evidence.tar.gz with
+# every log and metrics.jsonl (not the checkpoints). The output ends in a digest of the
+# results (summary, speed table, memory fit, the check's throughput) for a reader who sees
+# only its last lines.
 # CONV_ITERS (default 300) sets the convergence length (the same for every run); ProRes'
 # --prores-warmup is CONV_ITERS / 15 (20 at 300), so that all 12 layers are on at 80% of it.
 # DRIVER_FLAGS (default none) go to every pretrain_gpt.py run and every step_time.py variant,

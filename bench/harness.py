@@ -185,6 +185,15 @@ def failures(shapes: dict[str, dict]) -> list[str]:
     return failed
 
 
+def exit_status(shapes: dict[str, dict], output: Path) -> int:
+    """1 when :func:`failures` finds any in ``shapes`` (logged, with the report ``output`` that
+    holds their errors), else 0: a benchmark's exit status."""
+    failed = failures(shapes)
+    if failed:
+        logger.error("failed (errors in %s): %s", output, "; ".join(failed))
+    return 1 if failed else 0
+
+
 def matmul_ceiling_tflops(device: torch.device, dtype: torch.dtype, n: int, rounds: int = 10,
                           products: int = 10) -> float:
     """Dense ``n x n x n`` matmul throughput on random data (``2 n^3`` FLOPs per product).

@@ -287,10 +287,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             shutdown(created)
     harness.write_report(args.output, report)
-    failed = harness.failures({shape.name: report["variants"]})
-    if failed:
-        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
-    return 1 if failed else 0
+    return harness.exit_status({shape.name: report["variants"]}, args.output)
 
 
 if __name__ == "__main__":

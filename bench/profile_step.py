@@ -394,22 +394,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for spec in args.variants:
                     r = harness.measured(f"{shape.name} {spec}",
                                          functools.partial(measure_variant, shape, spec, data, args))
-                    base = results.get(args.variants[0], {"error": "not measured"})
-                    if "error" not in r and "error" not in base and spec != args.variants[0]:
-                        r["vs_first"] = {kind: difference(r["profile"][kind], base["profile"][kind])
-                                         for kind in ("host_ops", "kernels")}
-                    results[spec] = r
+                    first = results.get(args.variants[0])
                     if "error" not in r:
+                        if spec != args.variants[0] and "error" not in first:
+                            r["vs_first"] = {kind: difference(r["profile"][kind], first["profile"][kind])
+                                             for kind in ("host_ops", "kernels")}
                         logger.info("%s %s: %.1f ms (forward-backward %.1f, optimizer %.1f), GPU busy %.1f of %.1f ms",
                                     shape.name, spec, r["iteration_ms"], r["forward_backward_ms"], r["optimizer_ms"],
                                     r["profile"]["gpu_busy_ms"], r["profile"]["wall_ms"])
+                    results[spec] = r
                     harness.write_report(args.output, report)
         finally:
             shutdown(created)
-    failed = harness.failures(report["shapes"])
-    if failed:
-        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
-    return 1 if failed else 0
+    return harness.exit_status(report["shapes"], args.output)
 
 
 if __name__ == "__main__":

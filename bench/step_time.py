@@ -183,10 +183,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             shutdown(created)
     print(markdown(results, ceiling))
-    failed = harness.failures(results)
-    if failed:
-        logger.error("failed (errors in %s): %s", args.output, "; ".join(failed))
-    return 1 if failed else 0
+    return harness.exit_status(results, args.output)
 
 
 if __name__ == "__main__":
