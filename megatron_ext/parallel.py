@@ -47,13 +47,7 @@ def initialize_cpu_parallel(
             world_size=int(os.environ.get("WORLD_SIZE", 1)),
         )
     elif parallel_state.model_parallel_is_initialized():
-        # Every rank is here: wait for all of them with the GIL released, so that gloo's
-        # workers retire the collectives just finished before their groups go. Until torch
-        # 2.8 (pytorch/pytorch#154976) a group's destructor holds the GIL while it waits
-        # for its workers, and a worker dropping the last reference to a tensor Python
-        # made needs the GIL: a deadlock, seen under torch 2.6 and 2.7 when the groups
-        # were rebuilt right after an all-gather.
-        dist.barrier()
+        barrier_before_destroying_groups()  # every rank is here
         _destroy_subgroups()
     parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -62,6 +56,18 @@ def initialize_cpu_parallel(
         virtual_pipeline_model_parallel_size=virtual_pipeline_model_parallel_size,
     )
     cpu_manual_seed(seed)
+
+
+def barrier_before_destroying_groups() -> None:
+    """Wait for every rank, with the GIL released, so that gloo's workers retire the
+    collectives just finished before their groups are destroyed.
+
+    Until torch 2.8 (pytorch/pytorch#154976) a gloo group's destructor holds the GIL while
+    it waits for its workers, and a worker dropping the last reference to a tensor Python
+    made needs the GIL: a deadlock, seen under torch 2.6 and 2.7 when the groups were
+    rebuilt right after an all-gather. Call it only where every rank is sure to arrive.
+    """
+    dist.barrier()
 
 
 def _destroy_subgroups() -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
+from megatron_ext.parallel import barrier_before_destroying_groups, initialize_cpu_parallel
+
 DEFAULT_MASTER_PORT = 29500
 SLURM_PORT_BASE = 20000
 SLURM_PORT_RANGE = 20000
@@ -102,8 +104,6 @@ def initialize_model_parallel(args: argparse.Namespace, use_cuda: bool) -> None:
     """megatron-core's TP/PP/DP groups and the seeded RNG (CUDA tracker on GPU)."""
     vp = args.virtual_pipeline_model_parallel_size
     if not use_cuda:
-        from megatron_ext.parallel import initialize_cpu_parallel
-
         initialize_cpu_parallel(args.tensor_model_parallel_size, args.pipeline_model_parallel_size, vp, args.seed)
         return
     from megatron.core import tensor_parallel
@@ -123,14 +123,12 @@ def shutdown(created_group: bool, every_rank_finished: bool = False) -> None:
     """Tear down megatron's groups, and the world if this process created it.
 
     With ``every_rank_finished`` (all ranks got here from the same, completed run), the
-    ranks first wait at a barrier with the GIL released, so that gloo's workers retire the
-    last collectives before their groups are destroyed: until torch 2.8
-    (pytorch/pytorch#154976) a gloo group's destructor holds the GIL while it waits for its
-    workers, and a worker dropping the last reference to a tensor needs the GIL. Without it
-    (a rank that failed alone), no rank waits for the others.
+    ranks first meet at :func:`~megatron_ext.parallel.barrier_before_destroying_groups`
+    (torch < 2.8's gloo destructor deadlock). Without it (a rank that failed alone), no
+    rank waits for the others.
     """
     if every_rank_finished and dist.is_initialized():
-        dist.barrier()
+        barrier_before_destroying_groups()
     parallel_state.destroy_model_parallel()
     if created_group and dist.is_initialized():
         dist.destroy_process_group()
