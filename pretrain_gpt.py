@@ -33,22 +33,34 @@ logger = logging.getLogger("megatron_ext.pretrain_gpt")
 EXIT_CONFIG_ERROR = 2
 
 
+def _config_error(exc: Exception) -> int:
+    """Report a configuration, tokenizer or checkpoint mismatch on stderr; the exit code for it."""
+    print(f"error: {exc}", file=sys.stderr)
+    return EXIT_CONFIG_ERROR
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, build, train; returns the exit code (see megatron_ext.training.loop)."""
-    args = parse_args(argv)
     env = detect_environment()
-    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     try:
+        args = parse_args(argv)
+        use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
         validate_args(args, env.world_size, use_cuda)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        return _config_error(exc)
 
     from megatron_ext.data.tokenizers import build_tokenizer
     from megatron_ext.training import setup
     from megatron_ext.training.configs import extension_config, method_settings
+    from megatron_ext.training.data import DataError
     from megatron_ext.training.loop import Trainer
     from megatron_ext.training.metrics import GpuMonitor, MetricsWriter, model_flops_per_iteration
+
+    try:
+        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
+    except (ImportError, OSError, ValueError) as exc:  # each names the model file or the missing package
+        return _config_error(exc)
+    args.padded_vocab_size = setup.padded_vocab_size(tokenizer.vocab_size, args.make_vocab_size_divisible_by)
 
     setup.configure_logging(env.rank)
     created = init_process_group(env, use_cuda)
@@ -57,7 +69,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         initialize_model_parallel(args, use_cuda)
         logger.info(setup.describe_parallelism(args, env.world_size))
         device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
-        tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
         extensions = extension_config(args)
         methods = method_settings(extensions)
         logger.info("methods: %s", ", ".join(extensions.enabled) or "none (baseline)")
@@ -67,8 +78,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             try:
                 state = load_checkpoint(args.load, engine, engine.model_chunks, args, methods) or state
             except CheckpointError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return EXIT_CONFIG_ERROR
+                return _config_error(exc)
         train_batches, valid_batches = setup.build_data_streams(args, tokenizer, state.consumed_train_samples, device)
         writer = MetricsWriter(args, env.rank)
         try:
@@ -80,6 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             code = trainer.train()
             every_rank_finished = True
             return code
+        except DataError as exc:
+            return _config_error(exc)
         finally:
             writer.close()
     finally:

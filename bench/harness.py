@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from megatron_ext import prores
-from megatron_ext.data.tokenizers import build_tokenizer
+from megatron_ext.data.tokenizers import ByteLevelTokenizer
 from megatron_ext.files import write_atomically
 from megatron_ext.training import setup
 from megatron_ext.training.arguments import parse_args, validate_args
@@ -68,6 +68,15 @@ class Shape:
             "--ffn-hidden-size", str(self.ffn_size),
             "--micro-batch-size", str(self.micro_batch_size),
         ]
+
+
+class SyntheticTokenizer(ByteLevelTokenizer):
+    """The synthetic data's tokenizer as the data streams see it: ids anywhere in the model's
+    ``vocab_size`` (the driver checks every batch against it), EOD the byte tokenizer's.
+    The benchmarks never tokenize text."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
 
 
 def use_cuda(device: str) -> bool:
@@ -124,8 +133,7 @@ def build_run(args: argparse.Namespace, vocab_size: int) -> tuple[object, Iterat
     """The driver's engine for ``args`` (model of ``vocab_size`` tokens) and its train stream."""
     extensions = extension_config(args)
     engine = setup.build_engine(args, setup.build_model_chunks(args, extensions, vocab_size), extensions)
-    tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_model)
-    train_batches, _ = setup.build_data_streams(args, tokenizer, 0, device_of(args))
+    train_batches, _ = setup.build_data_streams(args, SyntheticTokenizer(vocab_size), 0, device_of(args))
     return engine, train_batches
 
 

@@ -17,7 +17,7 @@ set -euo pipefail
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 python=${PYTHON:-python}
 checkpoints=${CHECKPOINT_DIR:-$repo/runs/single-node/checkpoints}
-nproc=${NPROC:-$(nvidia-smi --list-gpus 2>/dev/null | wc -l)}
+nproc=${NPROC:-$( (nvidia-smi --list-gpus 2>/dev/null || true) | wc -l)}  # 0 without nvidia-smi or a GPU
 if ((nproc < 1)); then
     echo "no GPU found: set NPROC (e.g. NPROC=2 ... --device cpu for the CPU path)" >&2
     exit 2

@@ -35,7 +35,8 @@ REJECTED = [
     (dict(sequence_parallel=True), 1, True, ["--sequence-parallel", "--tensor-model-parallel-size"]),
     (dict(sequence_parallel=True, tensor_model_parallel_size=2), 2, False, ["--sequence-parallel", "GPU path only"]),
     (dict(world=3), 3, False, ["world size 3"]),
-    (dict(lr_warmup_iters=20, train_iters=12), 1, False, ["--lr-warmup-iters 20", "--lr-decay-iters 12"]),
+    (dict(lr_warmup_iters=20, train_iters=12), 1, False,
+     ["--lr-warmup-iters 20", "--lr-decay-iters 12 (its default, --train-iters)"]),
     (dict(overlap_param_gather=True), 1, True, ["--overlap-param-gather", "--use-distributed-optimizer"]),
     (dict(ddp_bucket_size=1000), 1, True, ["--ddp-bucket-size needs --overlap-grad-reduce"]),
     (dict(ddp_bucket_size=0, overlap_grad_reduce=True), 1, True, ["--ddp-bucket-size", "got 0"]),
@@ -66,6 +67,13 @@ def test_rejected_configuration_names_the_flags(byte_dataset, overrides, world, 
         assert word in str(info.value)
 
 
+def test_a_data_prefix_without_the_tools_suffix_is_pointed_to_it(byte_dataset):
+    args = parse_args(tiny_flags(byte_dataset, data_path=byte_dataset.removesuffix("_text_document")))
+    with pytest.raises(ConfigError) as info:
+        validate_args(args, 1, False)
+    assert str(info.value).endswith(f".bin not found (did you mean {byte_dataset}?)")
+
+
 @pytest.mark.parametrize("fused_adam", [False, True])
 def test_fully_reshardable_optimizer_checkpoints_need_a_fused_adam(byte_dataset, monkeypatch, fused_adam):
     from megatron.core.optimizer import distrib_optimizer
@@ -89,6 +97,28 @@ def test_main_reports_a_config_error_before_any_compute(byte_dataset, capsys, mo
     code = pretrain_gpt.main(tiny_flags(byte_dataset, global_batch_size=6))
     assert code == pretrain_gpt.EXIT_CONFIG_ERROR
     assert "--global-batch-size 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("problem", ["config", "tokenizer"])
+def test_main_reports_a_bad_config_file_or_tokenizer_before_any_compute(tmp_path, byte_dataset, capsys, monkeypatch,
+                                                                       problem):
+    import megatron_ext.training.distributed as distributed
+
+    monkeypatch.setattr(distributed, "init_process_group", lambda *a, **k: pytest.fail("process group created"))
+    if problem == "config":
+        config = tmp_path / "typo.yaml"
+        config.write_text("num-layer: 2\n")
+        argv, words = ["--config", str(config)], [f"--config {config}: unknown flag 'num-layer'"]
+    else:
+        model = tmp_path / "tok.model"
+        model.write_bytes(b"not a sentencepiece model")
+        argv = tiny_flags(byte_dataset, tokenizer_type="SentencePieceTokenizer", tokenizer_model=model)
+        words = [f"{model}: cannot load SentencePiece model"]
+    assert pretrain_gpt.main(argv) == pretrain_gpt.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    for word in words:
+        assert word in err
 
 
 @pytest.mark.parametrize("cuda", [False, True], ids=["cpu", "cuda"])
@@ -142,6 +172,22 @@ def test_command_line_switches_off_what_the_yaml_switches_on(tmp_path):
     assert (off.bf16, off.prores, off.wesar, off.swiglu) == (False, False, True, False)
 
 
+def test_switching_a_method_off_drops_its_options_from_the_yaml_only(tmp_path, byte_dataset):
+    config = tmp_path / "run.yaml"
+    config.write_text("prores: true\nprores-warmup: 20\nwesar: true\nwesar-std: 0.01\nnormformer: true\n"
+                      "normformer-no-ffn-norm: true\n")
+    off = parse_args(tiny_flags(byte_dataset) + ["--config", str(config), "--no-prores", "--no-wesar"])
+    validate_args(off, 1, False)
+    assert (off.prores, off.prores_warmup, off.wesar, off.wesar_std) == (False, 1000, False, 0.006325)
+    assert off.normformer and off.normformer_no_ffn_norm  # still on, with the file's option
+    on = parse_args(tiny_flags(byte_dataset) + ["--config", str(config)])
+    validate_args(on, 1, False)
+    assert (on.prores_warmup, on.wesar_std) == (20, 0.01)
+    typed = parse_args(tiny_flags(byte_dataset) + ["--config", str(config), "--no-prores", "--prores-warmup", "5"])
+    with pytest.raises(ConfigError, match="--prores-warmup given without --prores"):
+        validate_args(typed, 1, False)
+
+
 @pytest.mark.parametrize("text,message", [("nonsense-flag: 3\n", "unknown flag"), ("prores: 3\n", "true or false"),
                                           ("prores-schedule: cosine\n", "must be one of")])
 def test_yaml_config_errors(tmp_path, text, message):
@@ -157,7 +203,8 @@ def test_help_groups_flags_and_shows_defaults(capsys):
     out = capsys.readouterr().out
     for heading in ("model:", "parallelism:", "training:", "data:", "checkpoints:", "logging:", "NormFormer:"):
         assert heading in out
-    assert "(default: 1234)" in out  # --seed
+    assert "(default: 1234)" in out and "(default: 10000)" in out  # --seed, --rotary-base (no help text)
+    assert "(default: None)" not in out  # required flags and those validate_args fills in
 
 
 def test_slurm_environment_without_torchrun_variables():

@@ -105,6 +105,46 @@ def test_resume_with_another_model_or_other_methods_is_an_error(tmp_path, byte_d
     assert pretrain_gpt.main(argv + ["--override-checkpoint-methods"]) == 0
 
 
+def test_rerunning_a_finished_run_evaluates_it_as_it_ended_and_keeps_its_checkpoint(tmp_path, byte_dataset):
+    """Resumed at --train-iters, no step runs before the final evaluation: it must still
+    use ProRes' scalars of the updates done (mid-warmup here), not those of step 0."""
+    argv = tiny_flags(byte_dataset, save=tmp_path, load=tmp_path, train_iters=6, eval_interval=6) + [
+        "--prores", "--prores-warmup", "4"]  # layer 2 of 2 warms over 8 steps: alpha 0.75 at 6
+    assert pretrain_gpt.main(argv) == 0
+    checkpoint = tmp_path / "iter_0000006" / "mp_rank_00_000" / "model_optim_rng.pt"
+    written = checkpoint.stat().st_mtime_ns
+    assert pretrain_gpt.main(argv) == 0
+    first, again = [r for r in read_metrics(tmp_path) if "val_loss" in r][-2:]
+    assert first["iteration"] == again["iteration"] == 6
+    assert again["val_loss"] == pytest.approx(first["val_loss"], rel=1e-6)
+    assert checkpoint.stat().st_mtime_ns == written  # not written again
+    assert read_tracker(tmp_path) == 6
+
+
+def test_resume_with_another_vocabulary_is_an_error(tmp_path, byte_dataset, capsys, monkeypatch):
+    from megatron_ext.data.tokenizers import ByteLevelTokenizer
+
+    run = dict(train_iters=2, lr_decay_iters=12, eval_iters=0)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path, **run)) == 0
+    monkeypatch.setattr(ByteLevelTokenizer, "vocab_size", 400)  # another tokenizer: 448 padded, not 320
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, load=tmp_path, **dict(run, train_iters=3))) == \
+        pretrain_gpt.EXIT_CONFIG_ERROR
+    assert "padded vocabulary (from --tokenizer-model): checkpoint 320, this run 448" in capsys.readouterr().err
+
+
+def test_data_of_another_tokenizer_is_an_error_naming_the_flags(tmp_path, byte_dataset, capsys, monkeypatch):
+    """Byte ids (letters are 97-122) with a 50-piece tokenizer: ids past the padded
+    64-row embedding would be an IndexError deep in the model."""
+    from megatron_ext.data.tokenizers import ByteLevelTokenizer
+
+    monkeypatch.setattr(ByteLevelTokenizer, "vocab_size", 50)
+    monkeypatch.setattr(ByteLevelTokenizer, "eod", 49)
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, save=tmp_path)) == pretrain_gpt.EXIT_CONFIG_ERROR
+    err = capsys.readouterr().err
+    assert "error: --data-path: the micro batch from sample 0 holds token id" in err
+    assert "outside the tokenizer's 50 ids (--tokenizer-type/--tokenizer-model)" in err
+
+
 def test_optimizer_state_loads_only_in_the_parameter_order_it_was_saved_in(tmp_path, byte_dataset, capsys):
     """torch's optimizer state is keyed by parameter position: code that registers the same
     parameters in another order (here megatron-ext before NormFormer's norms were registered

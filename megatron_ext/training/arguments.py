@@ -46,12 +46,21 @@ def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends a flag's default unless it is None (required, or filled in by :func:`validate_args`)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """All flags, grouped as in ``--help``; defaults are shown there."""
     p = argparse.ArgumentParser(
         prog="pretrain_gpt.py",
         description="Pretrain a GPT on megatron-core with optional ProRes, WeSaR and NormFormer.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     p.add_argument("--config", default=None, help="YAML file whose keys are flag names; the command line overrides it")
 
@@ -205,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--normformer-no-ffn-norm", action="store_true", default=None)
     g.add_argument("--normformer-residual-scale", action=argparse.BooleanOptionalAction, default=None)
     for action in p._actions:
-        if action.help is None:
+        if action.help is None and action.default is not None:
             action.help = "(default: %(default)s)"
     return p
 
@@ -249,12 +258,22 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` over the defaults of an optional ``--config`` YAML file."""
+    """Parse ``argv`` over the defaults of an optional ``--config`` YAML file.
+
+    A file's method options apply only while the method is on: ``--no-prores`` on the
+    command line switches off a file's ProRes together with its ``prores-*`` keys.
+    """
     parser = build_parser()
-    pre, _ = parser.parse_known_args(argv)
-    if pre.config is not None:
-        parser.set_defaults(**load_config_file(pre.config, parser))
-    return parser.parse_args(argv)
+    command_line, _ = parser.parse_known_args(argv)
+    if command_line.config is None:
+        return parser.parse_args(argv)
+    parser.set_defaults(**load_config_file(command_line.config, parser))
+    args = parser.parse_args(argv)
+    for method, options in METHOD_SUBFLAG_DEFAULTS.items():
+        if not getattr(args, method):
+            for dest in options:
+                setattr(args, dest, getattr(command_line, dest))  # None unless on the command line
+    return args
 
 
 def parse_data_path(data_path: Sequence[str]) -> tuple[list[str], Optional[list[float]]]:
@@ -358,7 +377,10 @@ def _check_data_files(args: argparse.Namespace) -> None:
     for prefix in prefixes:
         for ext in (".bin", ".idx"):
             if not os.path.isfile(prefix + ext):
-                raise ConfigError(f"--data-path: {prefix}{ext} not found (write it with tools/preprocess_data.py)")
+                hint = "write it with tools/preprocess_data.py"
+                if os.path.isfile(f"{prefix}_text_document{ext}"):  # the tool's suffix for the "text" key
+                    hint = f"did you mean {prefix}_text_document?"
+                raise ConfigError(f"--data-path: {prefix}{ext} not found ({hint})")
     if args.tokenizer_type not in TOKENIZERS_WITHOUT_MODEL:
         if args.tokenizer_model is None:
             raise ConfigError(f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
@@ -442,12 +464,14 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
                           "--pipeline-model-parallel-size 2: megatron-core's batched send/receive to the one "
                           "neighbour mixes up activations and gradients (wrong losses); drop the flag")
 
-    if args.lr_decay_iters is None:
+    decay_defaulted = args.lr_decay_iters is None
+    if decay_defaulted:
         args.lr_decay_iters = args.train_iters
     if not 0 <= args.min_lr <= args.lr:
         raise ConfigError(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
     if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
-        raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below --lr-decay-iters {args.lr_decay_iters}")
+        raise ConfigError(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below --lr-decay-iters "
+                          f"{args.lr_decay_iters}{' (its default, --train-iters)' if decay_defaulted else ''}")
     if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
         raise ConfigError("--lr-decay-style WSD needs --lr-wsd-decay-iters")
     if args.weight_decay < 0 or args.clip_grad < 0:

@@ -254,7 +254,10 @@ def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks
 
 ARCHITECTURE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                      "position_embedding_type", "normalization", "swiglu", "disable_bias_linear",
-                     "untie_embeddings_and_output_weights", "tokenizer_type", "make_vocab_size_divisible_by")
+                     "untie_embeddings_and_output_weights", "tokenizer_type", "make_vocab_size_divisible_by",
+                     "padded_vocab_size")
+# What an architecture argument that is not a flag is called in errors.
+ARCHITECTURE_LABELS = {"padded_vocab_size": "padded vocabulary (from --tokenizer-model)"}
 
 
 def check_architecture(saved_args: Optional[dict], args: argparse.Namespace) -> None:
@@ -266,8 +269,8 @@ def check_architecture(saved_args: Optional[dict], args: argparse.Namespace) -> 
         names.append("max_position_embeddings")
     diffs = [n for n in names if n in saved_args and saved_args[n] != getattr(args, n)]
     if diffs:
-        details = ", ".join(f"--{n.replace('_', '-')}: checkpoint {saved_args[n]}, this run {getattr(args, n)}"
-                            for n in diffs)
+        details = ", ".join(f"{ARCHITECTURE_LABELS.get(n, '--' + n.replace('_', '-'))}: checkpoint {saved_args[n]}, "
+                            f"this run {getattr(args, n)}" for n in diffs)
         raise CheckpointError(f"the checkpoint holds another model ({details})")
 
 
@@ -323,12 +326,15 @@ def _restore(common: dict, engine: Engine, load_optim: bool) -> TrainingState:
 
 def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torch.nn.Module],
               args: argparse.Namespace, methods: dict) -> TrainingState:
-    """This model-parallel rank's ``model_optim_rng.pt`` (same TP layout only)."""
-    path = _cpu_rank_file(root, iteration)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"{path} not found: the CPU path loads checkpoints of the same tensor-parallel "
-                              f"layout (this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    """This model-parallel rank's ``model_optim_rng.pt`` (same TP size only)."""
+    payload, error = None, None
+    try:
+        payload = _read_cpu_rank(_cpu_rank_file(root, iteration), args)
+    except CheckpointError as exc:
+        error = exc
+    if not _all_ranks_ok(error is None):  # no rank goes on to load while another stops
+        raise error or CheckpointError(f"another rank cannot load its part of {checkpoint_dir(root, iteration)} "
+                                       "(see its error)")
     check_architecture(payload.get("args"), args)
     check_methods(payload.get("methods"), methods, args.override_checkpoint_methods)
     for chunk, state in zip(model_chunks, payload["model"], strict=True):
@@ -343,6 +349,19 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
     if not (args.finetune or args.no_load_rng):
         set_rng_state(payload["rng"], False)
     return _restore(payload, engine, load_optim)
+
+
+def _read_cpu_rank(path: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The payload of one CPU checkpoint file, if it was saved with this run's tensor-parallel size."""
+    expected = ("the CPU path loads checkpoints of the same tensor-parallel size "
+                f"(this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path} not found: {expected}")
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    saved_tp = payload.get("layout", {}).get("tp", args.tensor_model_parallel_size)
+    if saved_tp != args.tensor_model_parallel_size:
+        raise CheckpointError(f"{path} was saved with --tensor-model-parallel-size {saved_tp}: {expected}")
+    return payload
 
 
 def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.nn.Module],

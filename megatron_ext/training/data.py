@@ -1,7 +1,8 @@
 """Training data: megatron-core's ``GPTDataset`` (blended when weighted) over .bin/.idx
 files, sampled in Megatron-LM's order from the consumed-sample count, read by
-tensor-parallel rank 0 of the first and last pipeline stages and broadcast to the
-other tensor-parallel ranks.
+tensor-parallel rank 0 of the first and last pipeline stages (which checks every micro
+batch's ids against the tokenizer's vocabulary) and broadcast to the other
+tensor-parallel ranks.
 """
 
 from __future__ import annotations
@@ -67,6 +68,24 @@ def build_datasets(args: argparse.Namespace, tokenizer: Tokenizer) -> list[Optio
     return BlendedMegatronDatasetBuilder(GPTDataset, sizes, is_reader, config).build()
 
 
+class DataError(ValueError):
+    """The training data does not fit this run (ids outside the tokenizer's vocabulary)."""
+
+
+def check_token_ids(tokens: torch.Tensor, vocab_size: int, first_sample: int) -> None:
+    """Raise :class:`DataError` unless every id in ``tokens`` is in ``[0, vocab_size)``.
+
+    An id outside would index past the embedding table (an opaque IndexError on the CPU,
+    a device-side assert on the GPU); it means the data was tokenized with another
+    tokenizer. One max and min over a micro batch on the host, before it is copied.
+    """
+    low, high = int(tokens.min()), int(tokens.max())
+    if low < 0 or high >= vocab_size:
+        raise DataError(f"--data-path: the micro batch from sample {first_sample} holds token id "
+                        f"{high if high >= vocab_size else low}, outside the tokenizer's {vocab_size} ids "
+                        "(--tokenizer-type/--tokenizer-model): preprocess the data with the tokenizer this run uses")
+
+
 def sample_indices(consumed_samples: int, micro_batch_size: int, dp_rank: int) -> range:
     """Dataset indices of this data-parallel rank's next micro batch (Megatron-LM's sampler).
 
@@ -85,8 +104,9 @@ class MicroBatches:
     """
 
     def __init__(self, dataset: Optional[GPTDataset], consumed_samples: int, micro_batch_size: int,
-                 seq_length: int, device: torch.device) -> None:
+                 seq_length: int, device: torch.device, vocab_size: int) -> None:
         self.dataset = dataset
+        self.vocab_size = vocab_size
         self.consumed_samples = consumed_samples
         self.micro_batch_size = micro_batch_size
         self.seq_length = seq_length
@@ -104,6 +124,7 @@ class MicroBatches:
             n = len(self.dataset)
             samples = [self.dataset[i % n] for i in indices]
             batch = {k: torch.stack([s[k] for s in samples]) for k in BATCH_KEYS}
+            check_token_ids(batch["tokens"], self.vocab_size, indices.start)
         self.consumed_samples += self.micro_batch_size * self.dp_size
         if not stage_needs_data():
             return None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -131,7 +132,11 @@ class Trainer:
     def train(self) -> int:
         """Iterate up to ``--train-iters``; returns the process exit code."""
         args = self.args
-        last_saved = last_evaluated = None
+        last_evaluated = None
+        last_saved = self.state.iteration if self._resumed_in_save_dir() else None
+        if self.state.iteration >= args.train_iters:
+            logger.info("nothing to train: the checkpoint is at iteration %d, --train-iters %d",
+                        self.state.iteration, args.train_iters)
         if self.valid_batches is not None and self.state.iteration == 0:
             self.evaluate()  # the starting point of the validation curve
             last_evaluated = 0
@@ -163,6 +168,12 @@ class Trainer:
         if args.save and last_saved != self.state.iteration:
             self.save()
         return EXIT_OK
+
+    def _resumed_in_save_dir(self) -> bool:
+        """Whether ``--save`` already holds this iteration's checkpoint: the one resumed from."""
+        args = self.args
+        return bool(self.state.iteration and args.load and args.save
+                    and os.path.realpath(args.load) == os.path.realpath(args.save))
 
     def _account(self, result: StepResult) -> bool:
         """Count skips and spikes; False when the run must stop."""
@@ -225,7 +236,9 @@ class Trainer:
         self.interval.reset()
 
     def evaluate(self) -> float:
-        """Validation loss and perplexity over ``--eval-iters`` batches."""
+        """Validation loss and perplexity over ``--eval-iters`` batches, with ProRes' scalars of
+        the updates done so far (a resumed run may evaluate before its first step sets them)."""
+        prores.set_prores_step(self.model_chunks, self.engine.completed_updates)
         start = time.perf_counter()
         loss = self.engine.evaluate(self.valid_batches(), self.args.eval_iters)
         self.interval.start += time.perf_counter() - start  # iteration times exclude evaluation

@@ -70,10 +70,11 @@ def build_data_streams(args: argparse.Namespace, tokenizer: Tokenizer, consumed_
                        device: torch.device) -> tuple[Iterator, Optional[Callable[[], Iterator]]]:
     """The resumable training stream and a factory of fresh validation streams."""
     train, valid, _ = build_datasets(args, tokenizer)
-    train_batches = MicroBatches(train, consumed_samples, args.micro_batch_size, args.seq_length, device)
+    vocab = tokenizer.vocab_size
+    train_batches = MicroBatches(train, consumed_samples, args.micro_batch_size, args.seq_length, device, vocab)
     if args.eval_iters == 0:
         return train_batches, None
-    return train_batches, lambda: MicroBatches(valid, 0, args.micro_batch_size, args.seq_length, device)
+    return train_batches, lambda: MicroBatches(valid, 0, args.micro_batch_size, args.seq_length, device, vocab)
 
 
 def describe_parallelism(args: argparse.Namespace, world_size: int) -> str:
