@@ -99,7 +99,7 @@ def test_main_reports_a_config_error_before_any_compute(byte_dataset, capsys, mo
     assert "--global-batch-size 6" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("problem", ["config", "tokenizer"])
+@pytest.mark.parametrize("problem", ["config", "tokenizer", "model-for-byte-level"])
 def test_main_reports_a_bad_config_file_or_tokenizer_before_any_compute(tmp_path, byte_dataset, capsys, monkeypatch,
                                                                        problem):
     import megatron_ext.training.distributed as distributed
@@ -112,8 +112,12 @@ def test_main_reports_a_bad_config_file_or_tokenizer_before_any_compute(tmp_path
     else:
         model = tmp_path / "tok.model"
         model.write_bytes(b"not a sentencepiece model")
-        argv = tiny_flags(byte_dataset, tokenizer_type="SentencePieceTokenizer", tokenizer_model=model)
-        words = [f"{model}: cannot load SentencePiece model"]
+        if problem == "tokenizer":
+            argv = tiny_flags(byte_dataset, tokenizer_type="SentencePieceTokenizer", tokenizer_model=model)
+            words = [f"{model}: cannot load SentencePiece model"]
+        else:
+            argv = tiny_flags(byte_dataset, tokenizer_model=model)
+            words = [f"ByteLevelTokenizer takes no --tokenizer-model (got {model})"]
     assert pretrain_gpt.main(argv) == pretrain_gpt.EXIT_CONFIG_ERROR
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "Traceback" not in err

@@ -119,6 +119,9 @@ class HuggingFaceTokenizer(Tokenizer):
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str | os.PathLike | None = None) -> Tokenizer:
     """Build a tokenizer by Megatron-style type name (see the module docstring)."""
     if tokenizer_type == "ByteLevelTokenizer":
+        if tokenizer_model is not None:  # silently ignoring it would tokenize with the wrong vocabulary
+            raise ValueError(f"ByteLevelTokenizer takes no --tokenizer-model (got {tokenizer_model}); "
+                             "give that model's --tokenizer-type")
         return ByteLevelTokenizer()
     if tokenizer_type not in TOKENIZER_TYPES:
         raise ValueError(f"unknown tokenizer type {tokenizer_type!r}; expected one of {', '.join(TOKENIZER_TYPES)}")

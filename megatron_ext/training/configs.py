@@ -57,6 +57,7 @@ def transformer_config(args: argparse.Namespace) -> ExtTransformerConfig:
         bf16=args.bf16,
         fp16=args.fp16,
         deallocate_pipeline_outputs=args.use_cuda,
+        cuda_graph_scope=[],  # the whole layer: megatron-core's default "full", which it warns is deprecated
         # As Megatron-LM: overlapped (unbatched) p2p for the interleaved schedule. Batched,
         # with two stages both neighbours are one rank and megatron-core's batch mixes up
         # the activation and the gradient it receives from it.
