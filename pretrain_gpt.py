@@ -48,6 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate_args(args, env.world_size, use_cuda)
     except ConfigError as exc:
         return _config_error(exc)
+    if not use_cuda:  # megatron-core's advice on CUDA kernel queues for TP > 1 means nothing here
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
 
     from megatron_ext.data.tokenizers import build_tokenizer
     from megatron_ext.training import setup

@@ -498,7 +498,9 @@ def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", type=Path, help="a pretrain_gpt.py YAML config; flags override its keys")
+    parser.add_argument("--config", type=Path, action="append", metavar="FILE",
+                        help="a pretrain_gpt.py YAML config; repeated, each overrides the ones before it, "
+                             "and flags override them all")
     model = parser.add_argument_group("model")
     for flag in ("num-layers", "hidden-size", "num-attention-heads", "seq-length", "ffn-hidden-size",
                  "num-query-groups", "max-position-embeddings"):
@@ -551,8 +553,8 @@ def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
-    if args.config is not None:
-        parser.set_defaults(**load_config(args.config, parser))
+    for path in args.config or ():
+        parser.set_defaults(**load_config(path, parser))
     args = parser.parse_args(argv)
     missing = [f"--{n.replace('_', '-')}" for n in ("num_layers", "hidden_size", "num_attention_heads", "seq_length")
                if getattr(args, n) is None]

@@ -157,6 +157,30 @@ def test_yaml_config_is_merged_and_the_command_line_wins(tmp_path, byte_dataset)
     assert args.data_path == [byte_dataset]
 
 
+def test_several_yaml_configs_layer_in_order(tmp_path, byte_dataset):
+    model = tmp_path / "model.yaml"
+    model.write_text(f"num-layers: 4\nhidden-size: 64\nlr: 1.0e-3\nprores: true\nprores-warmup: 20\n"
+                     f"data-path: {byte_dataset}\n")
+    site = tmp_path / "site.yaml"
+    site.write_text("lr: 2.0e-3\nnum-layers: 6\nprores: false\n")
+    args = parse_args(["--config", str(model), "--config", str(site), "--num-layers", "2"])
+    assert (args.num_layers, args.hidden_size, args.lr) == (2, 64, 2.0e-3)  # command line > site > model
+    assert (args.prores, args.prores_warmup) == (False, None)  # the later file switched ProRes off
+    reverse = parse_args(["--config", str(site), "--config", str(model)])
+    assert (reverse.num_layers, reverse.lr, reverse.prores, reverse.prores_warmup) == (4, 1.0e-3, True, 20)
+
+
+def test_a_model_free_tokenizer_on_the_command_line_drops_the_files_tokenizer_model(tmp_path, byte_dataset):
+    config = tmp_path / "run.yaml"
+    config.write_text("tokenizer-type: SentencePieceTokenizer\ntokenizer-model: tok.model\n")
+    byte_level = parse_args(["--config", str(config), "--tokenizer-type", "ByteLevelTokenizer"])
+    assert (byte_level.tokenizer_type, byte_level.tokenizer_model) == ("ByteLevelTokenizer", None)
+    kept = parse_args(["--config", str(config), "--tokenizer-type", "HuggingFaceTokenizer"])
+    assert kept.tokenizer_model == "tok.model"
+    typed = parse_args(["--config", str(config), "--tokenizer-type", "ByteLevelTokenizer", "--tokenizer-model", "x"])
+    assert typed.tokenizer_model == "x"  # given together on the command line: build_tokenizer rejects it
+
+
 def test_method_options_reach_the_extension_config(byte_dataset):
     args = parse_args(tiny_flags(byte_dataset) + ["--wesar", "--wesar-placement", "output", "--prores"])
     validate_args(args, 1, False)

@@ -177,6 +177,14 @@ def test_cli_reads_a_config_and_flags_override_it(tmp_path):
     assert bad.returncode != 0 and "--num-gpus 8 must be a multiple" in bad.stderr
 
 
+def test_repeated_configs_layer_in_order(tmp_path):
+    site = tmp_path / "site.yaml"
+    site.write_text("tensor-model-parallel-size: 2\nnum-layers: 20\n")
+    base = REPO / "examples" / "configs" / "gpt-13b" / "baseline.yaml"
+    args = em.parse_args(["--config", str(base), "--config", str(site), "--num-gpus", "8", "--num-layers", "16"])
+    assert (args.hidden_size, args.tensor_model_parallel_size, args.num_layers) == (5120, 2, 16)
+
+
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
 def test_example_config_passes_the_driver_validation_on_its_gpu_layout(config, tmp_path):
     from megatron_ext.training.arguments import parse_args, validate_args

@@ -437,6 +437,17 @@ def test_cli_exit_code_and_message(tmp_path):
     assert output_files(tmp_path / "out") == []
 
 
+def test_missing_input_is_reported_before_megatron_core_is_imported(tmp_path):
+    """The seconds of importing torch and megatron-core come after the inputs are found."""
+    missing = tmp_path / "missing.jsonl"
+    command = _preprocess_command(missing, tmp_path / "x", "--tokenizer-type", "ByteLevelTokenizer")
+    proc = subprocess.run([command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True,
+                          env=_tool_env(), timeout=120)
+    assert proc.returncode == 1 and f"error: {missing}: no such file" in proc.stderr
+    imported = re.findall(r"^import time:.*\|\s+([\w.]+)$", proc.stderr, re.MULTILINE)
+    assert "numpy" in imported and "megatron.core" not in imported and "torch" not in imported
+
+
 @pytest.mark.parametrize(("workers", "signum"), [(1, signal.SIGINT), (2, signal.SIGINT), (1, signal.SIGTERM)])
 def test_interrupt_leaves_no_output(tmp_path, sp_model, workers, signum):
     source = tmp_path / "big.jsonl"

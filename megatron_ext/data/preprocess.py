@@ -253,8 +253,8 @@ def preprocess(config: PreprocessConfig) -> PreprocessStats:
     if len(set(keys)) != len(keys):
         raise ValueError(f"--json-keys has duplicates: {keys}")
     tokenizer = build_tokenizer(config.tokenizer_type, config.tokenizer_model)
+    paths = expand_inputs(config.inputs)  # before megatron-core's import, seconds, in token_dtype
     dtype = token_dtype(tokenizer.vocab_size)
-    paths = expand_inputs(config.inputs)
     directory = os.path.dirname(config.output_prefix)
     if directory:
         os.makedirs(directory, exist_ok=True)

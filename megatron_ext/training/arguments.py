@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Pretrain a GPT on megatron-core with optional ProRes, WeSaR and NormFormer.",
         formatter_class=HelpFormatter,
     )
-    p.add_argument("--config", default=None, help="YAML file whose keys are flag names; the command line overrides it")
+    p.add_argument("--config", action="append", default=None, metavar="FILE",
+                   help="YAML file whose keys are flag names; repeat it to layer files, each overriding the ones "
+                        "before it; the command line overrides them all")
 
     g = p.add_argument_group("model")
     g.add_argument("--num-layers", type=int, default=None, help="decoder layers L (required)")
@@ -258,21 +260,23 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    """Parse ``argv`` over the defaults of an optional ``--config`` YAML file.
+    """Parse ``argv`` over its ``--config`` YAML files, each overriding the ones before it.
 
-    A file's method options apply only while the method is on: ``--no-prores`` on the
-    command line switches off a file's ProRes together with its ``prores-*`` keys.
+    A file's option for something the command line switches off is dropped with it:
+    ``--no-prores`` drops a file's ``prores-*`` keys, and ``--tokenizer-type
+    ByteLevelTokenizer`` (which takes no model) a file's ``tokenizer-model``.
     """
     parser = build_parser()
     command_line, _ = parser.parse_known_args(argv)
-    if command_line.config is None:
-        return parser.parse_args(argv)
-    parser.set_defaults(**load_config_file(command_line.config, parser))
+    for path in command_line.config or ():
+        parser.set_defaults(**load_config_file(path, parser))
     args = parser.parse_args(argv)
     for method, options in METHOD_SUBFLAG_DEFAULTS.items():
         if not getattr(args, method):
             for dest in options:
                 setattr(args, dest, getattr(command_line, dest))  # None unless on the command line
+    if command_line.tokenizer_type in TOKENIZERS_WITHOUT_MODEL:
+        args.tokenizer_model = command_line.tokenizer_model
     return args
 
 
