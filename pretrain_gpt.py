@@ -51,6 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not use_cuda:  # megatron-core's advice on CUDA kernel queues for TP > 1 means nothing here
         warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS")
 
+    from megatron_ext import prores
     from megatron_ext.data.tokenizers import build_tokenizer
     from megatron_ext.training import setup
     from megatron_ext.training.configs import extension_config, method_settings
@@ -74,6 +75,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         extensions = extension_config(args)
         methods = method_settings(extensions)
         logger.info("methods: %s", ", ".join(extensions.enabled) or "none (baseline)")
+        if extensions.prores is not None:
+            logger.info(prores.describe_schedule(extensions.prores, args.num_layers))
         engine = setup.build_engine(args, setup.build_model_chunks(args, extensions, tokenizer.vocab_size), extensions)
         state = TrainingState()
         if args.load:

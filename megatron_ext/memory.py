@@ -4,7 +4,9 @@
 
     python tools/estimate_memory.py --config examples/configs/gpt-13b/baseline.yaml --num-gpus 16
 
-Reads the same YAML as ``pretrain_gpt.py --config`` (flags override it) and prints, for
+Reads the same YAML as ``pretrain_gpt.py --config``, with the driver's own reader (a key
+it does not know is an error; flags override the file), and prints the vocabulary size it
+assumed (the driver takes it from the tokenizer; ``--vocab-size``, else GPT-2's) and, for
 the most loaded pipeline stage:
 
 * parameters: the model's total and the count one GPU holds (tensor-parallel shards,
@@ -47,6 +49,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
@@ -58,6 +61,15 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 ADAM_KERNELS = ("fused", "foreach")
 NORMALIZATIONS = ("LayerNorm", "RMSNorm")
 POSITION_EMBEDDINGS = ("learned_absolute", "rope")
+DEFAULT_VOCAB_SIZE = 50257  # GPT-2's
+EXIT_USAGE_ERROR = 2  # argparse's status for a bad command line, and pretrain_gpt.py's for a bad config
+
+
+def _check_positive(**values: Optional[int]) -> None:
+    """ValueError naming the flag of the first given value below 1."""
+    for dest, value in values.items():
+        if value is not None and value < 1:
+            raise ValueError(f"--{dest.replace('_', '-')} must be >= 1, got {value}")
 
 
 @dataclass(frozen=True)
@@ -85,6 +97,12 @@ class ModelShape:
     normformer_residual_scale: bool = False
 
     def __post_init__(self) -> None:
+        _check_positive(
+            num_layers=self.num_layers, hidden_size=self.hidden_size, num_attention_heads=self.num_attention_heads,
+            seq_length=self.seq_length, vocab_size=self.vocab_size, ffn_hidden_size=self.ffn_hidden_size,
+            num_query_groups=self.num_query_groups, max_position_embeddings=self.max_position_embeddings,
+            make_vocab_size_divisible_by=self.make_vocab_size_divisible_by,
+        )
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} must be divisible by --num-attention-heads {self.num_attention_heads}"
@@ -172,8 +190,16 @@ class Layout:
     weight_scale_once_per_step: bool = True
 
     def __post_init__(self) -> None:
+        _check_positive(
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size, num_gpus=self.num_gpus,
+            micro_batch_size=self.micro_batch_size, global_batch_size=self.global_batch_size,
+            num_layers_per_virtual_pipeline_stage=self.num_layers_per_virtual_pipeline_stage,
+            decoder_first_pipeline_num_layers=self.decoder_first_pipeline_num_layers,
+            decoder_last_pipeline_num_layers=self.decoder_last_pipeline_num_layers,
+        )
         model_parallel = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
-        if model_parallel < 1 or self.num_gpus % model_parallel:
+        if self.num_gpus % model_parallel:
             raise ValueError(
                 f"--num-gpus {self.num_gpus} must be a multiple of --tensor-model-parallel-size x "
                 f"--pipeline-model-parallel-size = {model_parallel}"
@@ -210,9 +236,16 @@ def stage_layers(model: ModelShape, layout: Layout) -> list[int]:
     """Decoder layers on each pipeline stage (uniform, or with uneven first/last stages)."""
     pp = layout.pipeline_model_parallel_size
     first, last = layout.decoder_first_pipeline_num_layers, layout.decoder_last_pipeline_num_layers
+    fixed = [n for n in (first, last) if n is not None]
+    chunk = layout.num_layers_per_virtual_pipeline_stage
+    if chunk is not None and (pp == 1 or fixed):
+        raise ValueError("--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size > 1 "
+                         "and no --decoder-first/last-pipeline-num-layers")
+    if chunk is not None and model.num_layers % (pp * chunk):
+        raise ValueError(f"--num-layers {model.num_layers} is not --pipeline-model-parallel-size {pp} x a multiple "
+                         f"of --num-layers-per-virtual-pipeline-stage {chunk}")
     if pp == 1:
         return [model.num_layers]
-    fixed = [n for n in (first, last) if n is not None]
     middle_stages = pp - len(fixed)
     remaining = model.num_layers - sum(fixed)
     if remaining < 0 or (middle_stages and remaining % middle_stages) or (not middle_stages and remaining):
@@ -499,14 +532,16 @@ def estimate(model: ModelShape, layout: Layout) -> MemoryEstimate:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, action="append", metavar="FILE",
-                        help="a pretrain_gpt.py YAML config; repeated, each overrides the ones before it, "
-                             "and flags override them all")
+                        help="a pretrain_gpt.py YAML config, read as the driver reads it (a key it does not know "
+                             "is an error; --num-gpus, --vocab-size, --adam-kernel and --no-flash-attention are "
+                             "flags only); repeated, each overrides the ones before it, and flags override them all")
     model = parser.add_argument_group("model")
     for flag in ("num-layers", "hidden-size", "num-attention-heads", "seq-length", "ffn-hidden-size",
                  "num-query-groups", "max-position-embeddings"):
         model.add_argument(f"--{flag}", type=int)
-    model.add_argument("--vocab-size", type=int, default=50257,
-                       help="tokenizer vocabulary before padding (default: GPT-2's 50257)")
+    model.add_argument("--vocab-size", type=int,
+                       help=f"tokenizer vocabulary before padding (default: GPT-2's {DEFAULT_VOCAB_SIZE}; "
+                            "pretrain_gpt.py takes it from the tokenizer)")
     model.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
     model.add_argument("--normalization", choices=NORMALIZATIONS, default="LayerNorm")
     model.add_argument("--position-embedding-type", choices=POSITION_EMBEDDINGS, default="learned_absolute")
@@ -539,18 +574,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_config(path: Path, parser: argparse.ArgumentParser) -> dict:
-    """The YAML keys this tool knows, as argparse destinations; other keys are ignored."""
+    """The values of ``parser``'s flags in a pretrain_gpt.py YAML config, by argparse destination.
+
+    pretrain_gpt.py's own reader checks the file (ValueError naming it: unreadable, not a
+    mapping, a key the driver does not know, a value of the wrong type); the driver's keys
+    the estimator does not use are dropped. Importing the driver's parser loads torch and
+    megatron-core (5-7 s on a CPU machine), so it happens only here, when a config is given.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # megatron-core's import-time notes on absent GPU packages
+        from megatron_ext.training.arguments import build_parser as driver_parser, load_config_file
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as error:
-        raise SystemExit(f"--config {path}: cannot read YAML: {error}")
-    if not isinstance(data, dict):
-        raise SystemExit(f"--config {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+        values = load_config_file(str(path), driver_parser())
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config {path}: cannot read YAML: {error}") from None
     known = {action.dest for action in parser._actions}
-    return {key.replace("-", "_"): value for key, value in data.items() if key.replace("-", "_") in known}
+    return {dest: value for dest, value in values.items() if dest in known}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Flags over the ``--config`` files layered in order; ValueError for a file the driver would reject."""
     parser = build_parser()
     args, _ = parser.parse_known_args(argv)
     for path in args.config or ():
@@ -564,10 +607,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def from_args(args: argparse.Namespace) -> tuple[ModelShape, Layout]:
+    """The model and layout of parsed arguments (ValueError for an inconsistent one)."""
     normformer = bool(args.normformer)
     model = ModelShape(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        seq_length=args.seq_length, vocab_size=args.vocab_size, ffn_hidden_size=args.ffn_hidden_size,
+        seq_length=args.seq_length, vocab_size=DEFAULT_VOCAB_SIZE if args.vocab_size is None else args.vocab_size,
+        ffn_hidden_size=args.ffn_hidden_size,
         num_query_groups=args.num_query_groups, max_position_embeddings=args.max_position_embeddings,
         swiglu=bool(args.swiglu), normalization=args.normalization, add_bias_linear=not args.disable_bias_linear,
         position_embedding_type=args.position_embedding_type,
@@ -580,7 +625,8 @@ def from_args(args: argparse.Namespace) -> tuple[ModelShape, Layout]:
     )
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     layout = Layout(
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, num_gpus=args.num_gpus or tp * pp,
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        num_gpus=tp * pp if args.num_gpus is None else args.num_gpus,
         micro_batch_size=args.micro_batch_size, global_batch_size=args.global_batch_size,
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
@@ -601,13 +647,21 @@ def _activation_fusion(args: argparse.Namespace) -> bool:
     return args.bias_gelu_fusion is not False and not args.disable_bias_linear
 
 
-def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
-    """A human-readable summary of ``result``."""
+def vocabulary_source(args: argparse.Namespace) -> str:
+    """Where the vocabulary size of parsed arguments came from, for :func:`report`."""
+    if args.vocab_size is None:
+        return "default --vocab-size: GPT-2's; give --vocab-size for your tokenizer"
+    return "--vocab-size"
+
+
+def report(model: ModelShape, layout: Layout, result: MemoryEstimate, vocab_source: str) -> str:
+    """A human-readable summary of ``result``; ``vocab_source`` says where the vocabulary size came from."""
     per_param = state_bytes_per_parameter(layout)
     scaled_weights = scaled_weight_elements(model, layout)
     options = [name for name, on in (("sequence parallel", layout.sequence_parallel),
                                      ("distributed optimizer", layout.use_distributed_optimizer)) if on]
     rows = [
+        ("vocabulary", f"{model.vocab_size:,d}, padded to {model.padded_vocab_size:,d}  ({vocab_source})"),
         ("parameters, total", f"{result.total_parameters:,d}"),
         ("parameters, per GPU", f"{result.parameters_per_gpu:,d}  (pipeline stage {result.peak_stage})"),
         (f"weights ({per_param['weights']:g} B/param)", f"{result.weights / GIB:.2f} GiB"),
@@ -629,12 +683,14 @@ def report(model: ModelShape, layout: Layout, result: MemoryEstimate) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
+    """tools/estimate_memory.py: the report on stdout, or ``error: ...`` on stderr and exit status 2."""
     try:
+        args = parse_args(argv)
         model, layout = from_args(args)
         result = estimate(model, layout)
     except ValueError as error:
-        raise SystemExit(f"estimate_memory: {error}")
-    sys.stdout.write(report(model, layout, result) + "\n")
+        sys.stderr.write(f"error: {error}\n")
+        return EXIT_USAGE_ERROR
+    sys.stdout.write(report(model, layout, result, vocabulary_source(args)) + "\n")
     return 0
 

@@ -99,6 +99,15 @@ def full_warmup_steps(schedule: str, num_layers: int, warmup: int) -> Optional[i
     return warmup if schedule == "equal" else warmup * num_layers
 
 
+def describe_schedule(config: "ProResConfig", num_layers: int) -> str:
+    """One log line: the schedule, T and the step at which every layer is fully on."""
+    full = full_warmup_steps(config.schedule, num_layers, config.warmup)
+    if full is None:
+        return f"ProRes: {config.schedule} schedule (fixed scalars, no warmup)"
+    return (f"ProRes: {config.schedule} schedule, T = {config.warmup} steps per layer; "
+            f"all {num_layers} layers at a = 1 from step {full}")
+
+
 @dataclass(frozen=True)
 class ProResConfig:
     """ProRes options: ``schedule`` name and ``warmup`` T (first layer's warmup, steps)."""

@@ -52,6 +52,16 @@ REJECTED = [
     (dict(bias_gelu_fusion=True, swiglu=True), 1, True, ["--bias-gelu-fusion", "--bias-swiglu-fusion"]),
     (dict(bias_gelu_fusion=True, disable_bias_linear=True), 1, False, ["--bias-gelu-fusion", "--disable-bias-linear"]),
     (dict(bias_swiglu_fusion=True), 1, True, ["--bias-swiglu-fusion needs --swiglu"]),
+    (dict(normformer=True, normformer_no_head_scale=True, normformer_no_post_attention_norm=True,
+          normformer_no_ffn_norm=True), 1, False, ["switches every NormFormer part off"]),
+    (dict(wesar=True, wesar_gate_lr_mult=0), 1, False, ["--wesar-gate-lr-mult must be > 0, got 0"]),
+    (dict(wesar=True, wesar_gate_weight_decay=-1), 1, False, ["--wesar-gate-weight-decay must be >= 0, got -1"]),
+    (dict(save=__file__), 1, False, [f"--save {__file__} is a file; expected a directory"]),
+    (dict(tensorboard_dir=__file__), 1, False, ["--tensorboard-dir", "is a file"]),
+    (dict(override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=True), 1, False,
+     ["--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"]),
+    (dict(use_checkpoint_opt_param_scheduler=True, override_checkpoint_methods=True), 1, False,
+     ["--use-checkpoint-opt_param-scheduler", "--override-checkpoint-methods would change"]),
 ]
 
 

@@ -105,12 +105,13 @@ def test_resume_with_another_model_or_other_methods_is_an_error(tmp_path, byte_d
     assert pretrain_gpt.main(argv + ["--override-checkpoint-methods"]) == 0
 
 
-def test_rerunning_a_finished_run_evaluates_it_as_it_ended_and_keeps_its_checkpoint(tmp_path, byte_dataset):
+def test_rerunning_a_finished_run_evaluates_it_as_it_ended_and_keeps_its_checkpoint(tmp_path, byte_dataset, capsys):
     """Resumed at --train-iters, no step runs before the final evaluation: it must still
     use ProRes' scalars of the updates done (mid-warmup here), not those of step 0."""
     argv = tiny_flags(byte_dataset, save=tmp_path, load=tmp_path, train_iters=6, eval_interval=6) + [
         "--prores", "--prores-warmup", "4"]  # layer 2 of 2 warms over 8 steps: alpha 0.75 at 6
     assert pretrain_gpt.main(argv) == 0
+    assert "ProRes: linear schedule, T = 4 steps per layer; all 2 layers at a = 1 from step 8" in capsys.readouterr().out
     checkpoint = tmp_path / "iter_0000006" / "mp_rank_00_000" / "model_optim_rng.pt"
     written = checkpoint.stat().st_mtime_ns
     assert pretrain_gpt.main(argv) == 0
@@ -188,7 +189,8 @@ def test_crash_during_save_never_moves_the_tracker(tmp_path, byte_dataset, monke
     assert read_tracker(tmp_path) == 4
     assert not any(name.startswith(f".{TRACKER}") and name != TRACKER for name in os.listdir(tmp_path))
     monkeypatch.setattr(checkpointing, "_save_cpu_rank", real_save)
-    assert pretrain_gpt.main(tiny_flags(byte_dataset, load=tmp_path, save=tmp_path, train_iters=6, eval_iters=0)) == 0
+    assert pretrain_gpt.main(tiny_flags(byte_dataset, load=tmp_path, save=tmp_path, train_iters=6, lr_decay_iters=8,
+                                        eval_iters=0)) == 0
     assert read_tracker(tmp_path) == 6
     assert read_metrics(tmp_path)[-1]["iteration"] == 6
 

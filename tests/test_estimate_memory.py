@@ -162,19 +162,80 @@ def test_example_layout_fits_an_80gb_gpu_on_one_node(config):
     assert 0.85 < result.total_parameters / expected < 1.15
 
 
-def test_cli_reads_a_config_and_flags_override_it(tmp_path):
+def test_cli_reads_a_config_and_flags_override_it(tmp_path, capsys):
     config = tmp_path / "model.yaml"
     config.write_text("num-layers: 12\nhidden-size: 768\nnum-attention-heads: 12\nseq-length: 2048\nlr: 6.0e-4\n")
-    run = lambda *flags: subprocess.run(  # noqa: E731
-        [sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--config", str(config), *flags],
-        capture_output=True, text=True, cwd=REPO,
-    )
-    out = run("--bf16").stdout
+    assert em.main(["--config", str(config), "--bf16"]) == 0  # lr: a driver key the estimator does not use
+    out = capsys.readouterr().out
     assert "125,262,336" in out and "2 B/param" in out
     deeper = em.ModelShape(num_layers=24, hidden_size=768, num_attention_heads=12, seq_length=2048, vocab_size=50257)
-    assert f"{em.total_parameters(deeper):,d}" in run("--num-layers", "24").stdout
-    bad = run("--tensor-model-parallel-size", "3", "--num-gpus", "8")
-    assert bad.returncode != 0 and "--num-gpus 8 must be a multiple" in bad.stderr
+    assert em.main(["--config", str(config), "--num-layers", "24"]) == 0
+    assert f"{em.total_parameters(deeper):,d}" in capsys.readouterr().out
+    bad = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "estimate_memory.py"), "--config", str(config),
+         "--tensor-model-parallel-size", "3", "--num-gpus", "8"],
+        capture_output=True, text=True, cwd=REPO,
+    )
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "error: --num-gpus 8 must be a multiple of --tensor-model-parallel-size x " \
+                         "--pipeline-model-parallel-size = 3\n"
+
+
+@pytest.mark.parametrize("text, key", [("num-layer: 8\n", "num-layer"), ("num-gpus: 8\n", "num-gpus"),
+                                       ("vocab-size: 32000\n", "vocab-size")],
+                         ids=["misspelt", "estimator-flag", "vocab-size"])
+def test_config_key_pretrain_gpt_does_not_know_is_the_drivers_error(tmp_path, capsys, text, key):
+    """A key the driver rejects is an error here too, with its wording, also in a later layered file."""
+    from megatron_ext.training.arguments import ConfigError, parse_args as driver_parse_args
+
+    base = REPO / "examples" / "tiny_cpu.yaml"  # driver keys the estimator does not use (lr, data-path, ...)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(text)
+    assert em.main(["--config", str(base), "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == f"error: --config {bad}: unknown flag '{key}'\n"
+    with pytest.raises(ConfigError) as driver:
+        driver_parse_args(["--config", str(bad)])
+    assert captured.err == f"error: {driver.value}\n"
+
+
+BASE_FLAGS = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32"]
+
+
+@pytest.mark.parametrize("yaml_text, flags, message", [
+    ("num-layers: [4\n", [], "--config {config}: cannot read YAML: "),
+    ("- num-layers\n", [], "--config {config}: expected a mapping of flag names to values"),
+    ("num-layers: four\n", [], "--config {config}: num-layers expects int, got 'four'"),
+    ("bf16: 1\n", [], "--config {config}: bf16 must be true or false, got 1"),
+    (None, ["--config", "{missing}"], "--config {missing}: No such file or directory"),
+    (None, BASE_FLAGS + ["--tensor-model-parallel-size", "2", "--num-gpus", "3"], "--num-gpus 3 must be a multiple"),
+    (None, BASE_FLAGS + ["--num-attention-heads", "0"], "--num-attention-heads must be >= 1, got 0"),
+    (None, BASE_FLAGS + ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
+    (None, BASE_FLAGS + ["--num-gpus", "0"], "--num-gpus must be >= 1, got 0"),
+    (None, BASE_FLAGS + ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "4"],
+     "--num-layers 4 is not --pipeline-model-parallel-size 2 x a multiple of "
+     "--num-layers-per-virtual-pipeline-stage 4"),
+    (None, BASE_FLAGS + ["--pipeline-model-parallel-size", "3"], "--num-layers 4 cannot be split over 3 pipeline"),
+], ids=["bad-yaml", "not-a-mapping", "bad-value", "bad-boolean", "missing-file", "layout", "zero-heads",
+        "zero-vocab-multiple", "zero-gpus", "virtual-stages", "pipeline-split"])
+def test_user_input_errors_say_error_and_exit_2(tmp_path, capsys, yaml_text, flags, message):
+    config, missing = tmp_path / "c.yaml", tmp_path / "missing.yaml"
+    if yaml_text is not None:
+        config.write_text(yaml_text)
+        flags = ["--config", str(config)]
+    flags = [flag.format(missing=missing) for flag in flags]
+    assert em.main(flags) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"error: {message.format(config=config, missing=missing)}")
+
+
+def test_report_states_the_vocabulary_and_where_it_came_from(capsys):
+    tiny = str(REPO / "examples" / "tiny_cpu.yaml")  # a SentencePiece tokenizer: no vocabulary in the file
+    assert em.main(["--config", tiny]) == 0
+    assert ("vocabulary:                 50,257, padded to 50,304  "
+            "(default --vocab-size: GPT-2's; give --vocab-size for your tokenizer)\n") in capsys.readouterr().out
+    assert em.main(["--config", tiny, "--vocab-size", "32000"]) == 0
+    assert "vocabulary:                 32,000, padded to 32,000  (--vocab-size)\n" in capsys.readouterr().out
 
 
 def test_repeated_configs_layer_in_order(tmp_path):

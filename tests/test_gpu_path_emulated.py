@@ -194,6 +194,22 @@ def test_distributed_optimizer_state_is_not_loaded_into_parameters_registered_in
     assert "does not record the order" in output
 
 
+def test_the_schedule_continues_on_the_distributed_optimizer(tmp_path, byte_dataset):
+    """As on the CPU path (tests/test_driver_resume.py): --no-load-optim continues the
+    learning rate, and --override-opt_param-scheduler puts this run's --lr into megatron-core's
+    optimizer groups, whose saved LR bounds its load_state_dict restores."""
+    flags = METHOD_FLAGS + ["--use-distributed-optimizer"]
+    whole = tmp_path / "whole"
+    emulated(1, tiny_flags(byte_dataset, save=whole, **RUN) + flags)
+    reference = {r["iteration"]: r["lr"] for r in read_metrics(whole) if "lr" in r}
+    for name, extra, ratio in (("no-optim", ["--no-load-optim"], 1.0),
+                               ("override", ["--override-opt_param-scheduler", "--lr", "1e-3"], 1 / 3)):
+        resumed = resume_from(whole, 3, tmp_path / name)
+        emulated(1, tiny_flags(byte_dataset, load=resumed, save=resumed, **RUN) + flags + extra)
+        lrs = {r["iteration"]: r["lr"] for r in read_metrics(resumed) if "lr" in r}
+        assert [lrs[it] for it in range(4, 7)] == pytest.approx([ratio * reference[it] for it in range(4, 7)]), name
+
+
 @pytest.mark.parametrize("optimizer", [["--bf16"], ["--use-distributed-optimizer"]], ids=["float16", "distributed"])
 def test_state_of_the_former_unfused_adamw_resumes_under_the_fused_kernel(tmp_path, byte_dataset, optimizer):
     """A checkpoint of megatron-ext before torch's AdamW was fused (its groups saved with

@@ -173,15 +173,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from the latest checkpoint here")
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-load-optim", action="store_true", help="load the model only")
-    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="load the model, the iteration and the learning-rate schedule, not the optimizer's state")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action=argparse.BooleanOptionalAction, default=False,
                    help="distributed optimizer: save its state per parameter (gathered on each data-parallel "
                         "rank 0) so that it loads under other TP/PP/DP sizes; by default it is saved as its "
                         "DP-sharded buckets, loadable under another DP size only")
     g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true", help="load the model only; iteration and data restart at 0")
-    g.add_argument("--override-checkpoint-methods", action="store_true",
+    g.add_argument("--finetune", action=argparse.BooleanOptionalAction, default=False,
+                   help="load the model only; iteration, data and schedule restart at 0")
+    g.add_argument("--override-checkpoint-methods", action=argparse.BooleanOptionalAction, default=False,
                    help="load a checkpoint trained with other method settings (ProRes/WeSaR/NormFormer)")
+    g.add_argument("--override-opt_param-scheduler", "--override-opt-param-scheduler",
+                   dest="override_opt_param_scheduler", action=argparse.BooleanOptionalAction, default=False,
+                   help="on resume, take the learning-rate schedule (--lr, --min-lr, --lr-warmup-iters, "
+                        "--lr-decay-iters, --lr-decay-style, --weight-decay) from this run's flags; without it "
+                        "or --use-checkpoint-opt_param-scheduler a difference is an error")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", "--use-checkpoint-opt-param-scheduler",
+                   dest="use_checkpoint_opt_param_scheduler", action=argparse.BooleanOptionalAction, default=False,
+                   help="on resume, keep the checkpoint's learning-rate schedule whatever this run's flags say")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=100)
@@ -399,6 +409,10 @@ def _check_data_files(args: argparse.Namespace) -> None:
     if args.eval_iters > 0 and (len(split) < 2 or split[1] == 0):
         raise ConfigError(f"--eval-iters {args.eval_iters} needs a validation share in --split (got {args.split!r}); "
                           "use --eval-iters 0 to train without validation")
+    for dest in ("save", "load", "tensorboard_dir", "data_cache_path"):
+        path = getattr(args, dest)
+        if path is not None and os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{_flag(dest)} {path} is a file; expected a directory")
 
 
 def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> None:
@@ -468,6 +482,13 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
                           "--pipeline-model-parallel-size 2: megatron-core's batched send/receive to the one "
                           "neighbour mixes up activations and gradients (wrong losses); drop the flag")
 
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each "
+                          "other: give the one whose schedule should win")
+    if args.use_checkpoint_opt_param_scheduler and args.override_checkpoint_methods:
+        raise ConfigError("--use-checkpoint-opt_param-scheduler keeps the checkpoint's learning rates per "
+                          "parameter group, which --override-checkpoint-methods would change (WeSaR's gate LR); "
+                          "give --override-opt_param-scheduler with the checkpoint's schedule flags instead")
     decay_defaulted = args.lr_decay_iters is None
     if decay_defaulted:
         args.lr_decay_iters = args.train_iters
@@ -510,12 +531,20 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
         if args.wesar_exclude_gates_from_clip and args.use_distributed_optimizer:
             raise ConfigError("--wesar-exclude-gates-from-clip is not supported with --use-distributed-optimizer "
                               "(the engine clips the DDP gradients itself, which the distributed optimizer shards)")
-        if not args.wesar_std > 0 or args.wesar_gate_weight_decay < 0 or not args.wesar_gate_lr_mult > 0:
-            raise ConfigError("--wesar-std and --wesar-gate-lr-mult must be > 0, --wesar-gate-weight-decay >= 0")
+        for dest, ok, expected in (("wesar_std", args.wesar_std > 0, "> 0"),
+                                   ("wesar_gate_lr_mult", args.wesar_gate_lr_mult > 0, "> 0"),
+                                   ("wesar_gate_weight_decay", args.wesar_gate_weight_decay >= 0, ">= 0")):
+            if not ok:
+                raise ConfigError(f"{_flag(dest)} must be {expected}, got {getattr(args, dest)}")
         if use_cuda and args.wesar_gate_weight_decay == 1.0 and args.wesar_gate_lr_mult == 1.0:
             raise ConfigError("--wesar-gate-weight-decay 1.0 with --wesar-gate-lr-mult 1.0 on the GPU path: megatron-core "
                               "keys optimizer groups by (wd_mult, lr_mult), and these would equal the weight matrices' "
                               "group, so a resume could not restore the gates' optimizer state; use e.g. 0.999")
+
+    parts = ("normformer_no_head_scale", "normformer_no_post_attention_norm", "normformer_no_ffn_norm")
+    if args.normformer and all(getattr(args, d) for d in parts) and not args.normformer_residual_scale:
+        raise ConfigError(f"--normformer with {', '.join(map(_flag, parts))} switches every NormFormer part off; "
+                          "drop --normformer instead")
 
     if not use_cuda:
         _check_cpu_path(args)

@@ -8,8 +8,8 @@ CPU: one ``mp_rank_{tp:02d}_{pp:03d}/model_optim_rng.pt`` per model-parallel ran
 written to a temporary file and renamed.
 
 Each checkpoint stores the iteration, consumed samples, skipped-step count, scheduler,
-RNG states, the arguments and the method configs. On resume, another model shape is an
-error naming the flags, and so is a method mismatch unless ``--override-checkpoint-methods``.
+RNG states, the arguments and the method configs; what a resuming run must share with
+them is checked by ``checkpoint_checks``.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import pickle
 import random
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -30,20 +31,14 @@ from megatron.core.utils import unwrap_model
 from megatron_ext import prores
 from megatron_ext.training import optimizer_checkpoint, torch_adam
 from megatron_ext.training.arguments import serializable_args
-from megatron_ext.training.optimization import Engine
+from megatron_ext.training.checkpoint_checks import (CheckpointError, check_architecture, check_methods,
+                                                    check_scheduler)
+from megatron_ext.training.optimization import Engine, group_schedules, restore_group_schedules
 
 logger = logging.getLogger(__name__)
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CPU_FILE = "model_optim_rng.pt"
-METHOD_FLAGS = {"prores": "--prores/--prores-schedule/--prores-warmup",
-                "wesar": "--wesar and its --wesar-* options",
-                "normformer": "--normformer and its --normformer-* options"}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be loaded into this run."""
-
 
 @dataclass
 class TrainingState:
@@ -252,48 +247,13 @@ def _save_distributed(directory: str, common: dict, engine: Engine, model_chunks
     dist_checkpointing.save(_sharded_state_dict(common, engine, model_chunks), directory)
 
 
-ARCHITECTURE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                     "position_embedding_type", "normalization", "swiglu", "disable_bias_linear",
-                     "untie_embeddings_and_output_weights", "tokenizer_type", "make_vocab_size_divisible_by",
-                     "padded_vocab_size")
-# What an architecture argument that is not a flag is called in errors.
-ARCHITECTURE_LABELS = {"padded_vocab_size": "padded vocabulary (from --tokenizer-model)"}
-
-
-def check_architecture(saved_args: Optional[dict], args: argparse.Namespace) -> None:
-    """Raise CheckpointError naming the flags whose model shape differs from the checkpoint's."""
-    if saved_args is None:
-        return
-    names = list(ARCHITECTURE_ARGS)
-    if args.position_embedding_type == "learned_absolute":
-        names.append("max_position_embeddings")
-    diffs = [n for n in names if n in saved_args and saved_args[n] != getattr(args, n)]
-    if diffs:
-        details = ", ".join(f"{ARCHITECTURE_LABELS.get(n, '--' + n.replace('_', '-'))}: checkpoint {saved_args[n]}, "
-                            f"this run {getattr(args, n)}" for n in diffs)
-        raise CheckpointError(f"the checkpoint holds another model ({details})")
-
-
-def check_methods(saved: Optional[dict], current: dict, override: bool) -> None:
-    """Raise CheckpointError naming the flags whose method settings differ."""
-    if saved is None:
-        return
-    diffs = [name for name in METHOD_FLAGS if saved.get(name) != current.get(name)]
-    if diffs and not override:
-        details = "; ".join(f"{METHOD_FLAGS[n]}: checkpoint {saved.get(n)}, this run {current.get(n)}" for n in diffs)
-        raise CheckpointError(f"method settings differ from the checkpoint ({details}); "
-                              "pass --override-checkpoint-methods to load it anyway")
-    if diffs:
-        logger.warning("loading a checkpoint with other method settings (%s): --override-checkpoint-methods",
-                       ", ".join(diffs))
-
-
 def load_checkpoint(root: str, engine: Engine, model_chunks: list[torch.nn.Module], args: argparse.Namespace,
                     methods: dict) -> Optional[TrainingState]:
     """Restore the latest checkpoint under ``root``; None when there is none.
 
-    ``--finetune`` and ``--no-load-optim`` load the model only; ``--finetune`` also
-    restarts the iteration and data counters at 0.
+    ``--no-load-optim`` skips the optimizer's state; the iteration, the data position and
+    the schedule (learning rate and ProRes' step) still continue. ``--finetune`` loads the
+    model only and restarts all of them at 0.
     """
     iteration = read_tracker(root)
     if iteration is None:
@@ -313,13 +273,34 @@ def load_checkpoint(root: str, engine: Engine, model_chunks: list[torch.nn.Modul
 
 
 def _loads_optimizer(args: argparse.Namespace) -> bool:
-    """Optimizer and scheduler states are restored unless ``--finetune`` or ``--no-load-optim``."""
+    """The optimizer's state is restored unless ``--finetune`` or ``--no-load-optim``."""
     return not (args.finetune or args.no_load_optim)
 
 
-def _restore(common: dict, engine: Engine, load_optim: bool) -> TrainingState:
-    """The scheduler state (with the optimizer's) and the loop's counters."""
-    if load_optim:
+def _check_compatible(common: dict, engine: Engine, args: argparse.Namespace, methods: dict) -> None:
+    """Model shape, methods and schedule against the checkpoint's, before anything is loaded."""
+    check_architecture(common.get("args"), args)
+    overridden = check_methods(common.get("methods"), methods, args.override_checkpoint_methods)
+    if overridden:
+        logger.warning("loading a checkpoint with other method settings (%s): --override-checkpoint-methods",
+                       ", ".join(overridden))
+    if not args.finetune:
+        check_scheduler(common["opt_param_scheduler"], engine.scheduler.state_dict(), args)
+
+
+def _load_optimizer_state(engine: Engine, state: dict, args: argparse.Namespace) -> None:
+    """The saved optimizer state; its parameter groups keep this run's LR bounds and weight
+    decay when an override asks for this run's schedule or method settings."""
+    schedules = group_schedules(engine.optimizer)
+    with torch.no_grad():  # the fp32 distributed optimizer's main parameters are views of the model's
+        engine.optimizer.load_state_dict(state)
+    if args.override_opt_param_scheduler or args.override_checkpoint_methods:
+        restore_group_schedules(engine.optimizer, schedules)
+
+
+def _restore(common: dict, engine: Engine, args: argparse.Namespace) -> TrainingState:
+    """The scheduler state (unless ``--finetune``: it follows the iteration) and the loop's counters."""
+    if not args.finetune:
         engine.scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainingState(common["iteration"], common["consumed_train_samples"], common["skipped_iterations"])
 
@@ -335,8 +316,7 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
     if not _all_ranks_ok(error is None):  # no rank goes on to load while another stops
         raise error or CheckpointError(f"another rank cannot load its part of {checkpoint_dir(root, iteration)} "
                                        "(see its error)")
-    check_architecture(payload.get("args"), args)
-    check_methods(payload.get("methods"), methods, args.override_checkpoint_methods)
+    _check_compatible(payload, engine, args, methods)
     for chunk, state in zip(model_chunks, payload["model"], strict=True):
         chunk.load_state_dict(state)
     load_optim = _loads_optimizer(args)
@@ -345,19 +325,24 @@ def _load_cpu(root: str, iteration: int, engine: Engine, model_chunks: list[torc
         where = optimizer_checkpoint.order_mismatch(payload.get("parameter_order"), _parameter_order(model_chunks))
         if where:
             raise CheckpointError(optimizer_checkpoint.order_error("by parameter position", where))
-        engine.optimizer.load_state_dict(payload["optimizer"])
+        _load_optimizer_state(engine, payload["optimizer"], args)
     if not (args.finetune or args.no_load_rng):
         set_rng_state(payload["rng"], False)
-    return _restore(payload, engine, load_optim)
+    return _restore(payload, engine, args)
 
 
 def _read_cpu_rank(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """The payload of one CPU checkpoint file, if it was saved with this run's tensor-parallel size."""
     expected = ("the CPU path loads checkpoints of the same tensor-parallel size "
                 f"(this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
+    if not os.path.isdir(os.path.dirname(os.path.dirname(path))):
+        raise CheckpointError(f"{os.path.dirname(os.path.dirname(path))} not found, though {TRACKER} names it")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} not found: {expected}")
-    payload = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({exc})") from None
     saved_tp = payload.get("layout", {}).get("tp", args.tensor_model_parallel_size)
     if saved_tp != args.tensor_model_parallel_size:
         raise CheckpointError(f"{path} was saved with --tensor-model-parallel-size {saved_tp}: {expected}")
@@ -368,10 +353,13 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
                       args: argparse.Namespace, methods: dict) -> TrainingState:
     """A ``dist_checkpointing`` checkpoint, resharded to this run's layout."""
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.core import CheckpointingException
 
-    common = dist_checkpointing.load_common_state_dict(directory)
-    check_architecture(common.get("args"), args)
-    check_methods(common.get("methods"), methods, args.override_checkpoint_methods)
+    try:
+        common = dist_checkpointing.load_common_state_dict(directory)
+    except (CheckpointingException, OSError, RuntimeError, EOFError, pickle.UnpicklingError) as exc:
+        raise CheckpointError(f"{directory}: cannot read the checkpoint ({exc})") from None
+    _check_compatible(common, engine, args, methods)
     same_layout = common.get("layout") == {"tp": args.tensor_model_parallel_size,
                                            "pp": args.pipeline_model_parallel_size}
     template = _model_sharded_state_dict(model_chunks)
@@ -400,11 +388,8 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         for i, chunk in enumerate(model_chunks):
             chunk.load_state_dict(loaded[f"model{i}"])
     if load_optim:
-        # In place into the fp32 distributed optimizer's main parameters, which are views
-        # of the model's parameters (autograd forbids that outside no_grad).
         optimizer_checkpoint.add_missing_common_step(engine.optimizer, loaded["optimizer"])
-        with torch.no_grad():
-            engine.optimizer.load_state_dict(loaded["optimizer"])
+        _load_optimizer_state(engine, loaded["optimizer"], args)
         optimizer_checkpoint.restore_torch_adam_steps(engine.optimizer)
         torch_adam.fuse(engine.optimizer)  # torch's load_state_dict restored the saved kernel choice
     else:
@@ -415,4 +400,4 @@ def _load_distributed(directory: str, engine: Engine, model_chunks: list[torch.n
         set_rng_state(loaded["rng_state"], True)
     elif not same_layout:
         logger.warning("checkpoint layout %s differs from this run's; RNG states not restored", common.get("layout"))
-    return _restore(common, engine, load_optim)
+    return _restore(common, engine, args)

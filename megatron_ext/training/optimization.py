@@ -8,7 +8,7 @@ import argparse
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Protocol, Union
+from typing import Any, Iterable, Iterator, Protocol, Union
 
 import torch
 from megatron.core.optimizer import MegatronOptimizer
@@ -90,11 +90,27 @@ def build_scheduler(args: argparse.Namespace,
         end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # checkpoint_checks.check_scheduler has rejected a difference the flags do not settle
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
         wsd_decay_steps=args.lr_wsd_decay_iters,
         lr_wsd_decay_style="linear" if args.lr_decay_style == "WSD" else None,
     )
+
+
+GROUP_SCHEDULE_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd", "lr_mult", "wd_mult")
+
+
+def group_schedules(optimizer: Optimizer) -> list[dict[str, Any]]:
+    """Each parameter group's own schedule values (its LR bounds with their multiplier,
+    its weight decay), which an optimizer's ``load_state_dict`` replaces by the saved ones."""
+    return [{k: group[k] for k in GROUP_SCHEDULE_KEYS if k in group} for group in optimizer.param_groups]
+
+
+def restore_group_schedules(optimizer: Optimizer, schedules: list[dict[str, Any]]) -> None:
+    """Put back the values of :func:`group_schedules`, group by group."""
+    for group, schedule in zip(optimizer.param_groups, schedules, strict=True):
+        group.update(schedule)
 
 
 def update_lr(optimizer: Optimizer) -> float:
