@@ -299,7 +299,8 @@ def _load_optimizer_state(engine: Engine, state: dict, args: argparse.Namespace)
 
 
 def _restore(common: dict, engine: Engine, args: argparse.Namespace) -> TrainingState:
-    """The scheduler state (unless ``--finetune``: it follows the iteration) and the loop's counters."""
+    """The scheduler state (not with ``--finetune``, which restarts it with the iteration) and
+    the loop's counters."""
     if not args.finetune:
         engine.scheduler.load_state_dict(common["opt_param_scheduler"])
     return TrainingState(common["iteration"], common["consumed_train_samples"], common["skipped_iterations"])
