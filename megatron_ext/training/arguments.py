@@ -409,6 +409,10 @@ def _check_data_files(args: argparse.Namespace) -> None:
     if args.eval_iters > 0 and (len(split) < 2 or split[1] == 0):
         raise ConfigError(f"--eval-iters {args.eval_iters} needs a validation share in --split (got {args.split!r}); "
                           "use --eval-iters 0 to train without validation")
+
+
+def _check_directories(args: argparse.Namespace) -> None:
+    """The directory flags do not name existing files."""
     for dest in ("save", "load", "tensorboard_dir", "data_cache_path"):
         path = getattr(args, dest)
         if path is not None and os.path.exists(path) and not os.path.isdir(path):
@@ -551,6 +555,7 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
     elif args.use_cpu_initialization is None:
         args.use_cpu_initialization = False
     _check_data_files(args)
+    _check_directories(args)
 
 
 def _check_fully_reshardable(args: argparse.Namespace) -> None:

@@ -260,6 +260,8 @@ def load_checkpoint(root: str, engine: Engine, model_chunks: list[torch.nn.Modul
         logger.warning("no checkpoint under --load %s (no %s); starting from scratch", root, TRACKER)
         return None
     directory = checkpoint_dir(root, iteration)
+    if not os.path.isdir(directory):
+        raise CheckpointError(f"{directory} not found, though {TRACKER} names it")
     if args.override_checkpoint_methods:
         prores.allow_checkpoint_mismatch(model_chunks)
     if args.use_cuda:
@@ -336,8 +338,6 @@ def _read_cpu_rank(path: str, args: argparse.Namespace) -> dict[str, Any]:
     """The payload of one CPU checkpoint file, if it was saved with this run's tensor-parallel size."""
     expected = ("the CPU path loads checkpoints of the same tensor-parallel size "
                 f"(this run: --tensor-model-parallel-size {args.tensor_model_parallel_size})")
-    if not os.path.isdir(os.path.dirname(os.path.dirname(path))):
-        raise CheckpointError(f"{os.path.dirname(os.path.dirname(path))} not found, though {TRACKER} names it")
     if not os.path.isfile(path):
         raise CheckpointError(f"{path} not found: {expected}")
     try:
