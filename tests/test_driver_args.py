@@ -62,6 +62,25 @@ REJECTED = [
      ["--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler exclude each other"]),
     (dict(use_checkpoint_opt_param_scheduler=True, override_checkpoint_methods=True), 1, False,
      ["--use-checkpoint-opt_param-scheduler", "--override-checkpoint-methods would change"]),
+    (dict(recompute_activations=True, recompute_granularity="full"), 1, True,
+     ["--recompute-activations", "--recompute-granularity full exclude each other"]),
+    (dict(recompute_granularity="full"), 1, True, ["--recompute-granularity full needs --recompute-method"]),
+    (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=3, num_layers=4), 1, True,
+     ["--recompute-num-layers 3 must divide the layers of every (virtual) pipeline stage (4)"]),
+    (dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=2, num_layers=6,
+          pipeline_model_parallel_size=2, decoder_first_pipeline_num_layers=1, global_batch_size=4), 2, True,
+     ["--recompute-num-layers 2", "(1, 5)"]),
+    (dict(recompute_granularity="full", recompute_method="block", recompute_num_layers=3), 1, True,
+     ["--recompute-num-layers 3 must be between 1 and the layers of a (virtual) pipeline stage (2)"]),
+    (dict(recompute_method="uniform"), 1, True, ["--recompute-method needs --recompute-granularity full"]),
+    (dict(recompute_granularity="selective", recompute_num_layers=1), 1, True,
+     ["--recompute-num-layers needs --recompute-granularity full"]),
+    (dict(recompute_modules="core_attn"), 1, True, ["--recompute-modules needs --recompute-granularity selective"]),
+    (dict(recompute_activations=True, recompute_modules="mlp"), 1, True,
+     ["--recompute-modules mlp needs --disable-bias-linear"]),
+    (dict(recompute_activations=True, recompute_modules="layernorm"), 1, True,
+     ["--recompute-modules layernorm needs Transformer Engine"]),
+    (dict(recompute_activations=True), 1, False, ["--recompute-granularity selective", "GPU path only"]),
 ]
 
 
@@ -227,7 +246,9 @@ def test_switching_a_method_off_drops_its_options_from_the_yaml_only(tmp_path, b
 
 
 @pytest.mark.parametrize("text,message", [("nonsense-flag: 3\n", "unknown flag"), ("prores: 3\n", "true or false"),
-                                          ("prores-schedule: cosine\n", "must be one of")])
+                                          ("prores-schedule: cosine\n", "must be one of"),
+                                          ("recompute-modules: [core_attn, attention]\n",
+                                           "recompute-modules must be one or more of core_attn, mlp, layernorm")])
 def test_yaml_config_errors(tmp_path, text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(text)

@@ -26,6 +26,13 @@ from megatron_ext.training.checkpointing import TRACKER, checkpoint_dir
 EAGER = ["--no-bias-dropout-fusion", "--no-bias-gelu-fusion", "--no-bias-swiglu-fusion"]
 RUN = dict(train_iters=6, save_interval=3, eval_iters=0, lr_decay_iters=6)
 
+COUNTING = REPO / "tests" / "counting_forwards.py"
+RECOMPUTE = {
+    "full-uniform": ["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"],
+    "full-block": ["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1"],
+    "selective": ["--recompute-activations"],
+}
+
 
 def emulated(nproc: int, flags: list[str], expect: int = 0, fused: bool = False, script: Optional[Path] = None,
              env: Optional[dict[str, str]] = None) -> str:
@@ -264,15 +271,17 @@ def test_overlapped_param_gather_with_a_tied_pipeline_equals_the_synchronous_one
     """The example configs' combination: PP=2, tied embeddings (WeSaR's tied gate in a
     bucket of its own), all methods with the fused kernels (NormFormer's norm weights
     handed to them), distributed optimizer, several buckets. With the gradient reduce and
-    the parameter all-gather overlapped it trains as with both synchronous (it stopped
-    on megatron-core's assertion at iteration 2: the gate's bucket was never waited for),
-    and no bucket's all-gather is left out of the overlap."""
+    the parameter all-gather overlapped, and every layer recomputed in the backward
+    (full activation recomputation), it trains as with both synchronous and the
+    activations stored (it stopped on megatron-core's assertion at iteration 2: the gate's
+    bucket was never waited for), and no bucket's all-gather is left out of the overlap."""
     run = dict(RUN, num_layers=4, global_batch_size=16, pipeline_model_parallel_size=2, eval_interval=3, eval_iters=2,
                save_interval=None)
     flags = METHOD_FLAGS + ["--use-distributed-optimizer"]
     overlapped, synchronous = tmp_path / "overlapped", tmp_path / "synchronous"
     output = emulated(2, tiny_flags(byte_dataset, tensorboard_dir=overlapped, overlap_grad_reduce=True,
-                                    overlap_param_gather=True, ddp_bucket_size=2000, **run) + flags, fused=True)
+                                    overlap_param_gather=True, ddp_bucket_size=2000, **run) + flags
+                      + RECOMPUTE["full-uniform"], fused=True)
     # megatron-core's warning for a bucket whose all-gather the forward did not overlap (the
     # methods' norms were registered after the modules they follow)
     assert "already been dispatched" not in output
@@ -391,3 +400,36 @@ def test_gradient_accumulation_fusion_accumulates_the_scaled_linears_once_per_st
                      "per-micro-batch": 2 * 1 * 4 * 6, "unfused": 0}
     for name in ("once", "once-compiled-finish", "per-micro-batch"):
         assert_same(histories[name], histories["unfused"], range(1, 7), rel=1e-5)
+
+
+
+def test_activation_recomputation_trains_as_storing_the_activations(tmp_path, byte_dataset):
+    """megatron-core's activation recomputation with all methods and 4 micro batches per
+    step (the weight-side scales applied once per step, which a recomputed forward must
+    find again): full (every layer, or the first layer of the two by 'block') and selective
+    (the attention core; with --disable-bias-linear also the MLP) give the losses and grad
+    norms of the run that stores its activations, while the recomputed modules run a
+    second forward in every backward."""
+    run = dict(RUN, global_batch_size=16, save_interval=None, train_iters=3, lr_decay_iters=3)
+    cases = {"stored": [], **RECOMPUTE, "stored-unbiased": ["--disable-bias-linear"],
+             "selective-unbiased": ["--disable-bias-linear", "--recompute-activations", "--recompute-modules",
+                                    "core_attn", "mlp"]}
+    calls, histories = {}, {}
+    for name, extra in cases.items():
+        output = emulated(1, tiny_flags(byte_dataset, tensorboard_dir=tmp_path / name, **run) + METHOD_FLAGS + extra,
+                          script=COUNTING)
+        calls[name] = eval(re.search(r"forward calls: (\{.*\})", output).group(1))
+        histories[name] = history(tmp_path / name)
+    forwards = 2 * 3 * 4  # layers x steps x micro batches; no validation
+    stored = calls["stored"]
+    assert stored["ExtTransformerLayer"] == forwards and stored["SDPACoreAttention"] == forwards
+    assert calls["full-uniform"]["ExtTransformerLayer"] == 2 * forwards
+    assert calls["full-block"]["ExtTransformerLayer"] == forwards * 3 // 2
+    assert calls["selective"]["ExtTransformerLayer"] == forwards
+    assert calls["selective"]["SDPACoreAttention"] == 2 * forwards
+    unbiased = calls["selective-unbiased"]
+    assert unbiased["SDPACoreAttention"] == unbiased["FFNNormMLP"] == 2 * forwards
+    assert calls["stored-unbiased"]["FFNNormMLP"] == forwards
+    for name in RECOMPUTE:
+        assert_same(histories[name], histories["stored"], range(1, 4), rel=1e-6)
+    assert_same(histories["selective-unbiased"], histories["stored-unbiased"], range(1, 4), rel=1e-6)

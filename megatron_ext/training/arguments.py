@@ -19,6 +19,8 @@ from megatron_ext.prores import SCHEDULES
 from megatron_ext.wesar import BACKBONES, PLACEMENTS
 
 LR_DECAY_STYLES = ("constant", "linear", "cosine", "inverse-square-root", "WSD")
+# megatron-core's selective-recompute modules that a dense GPT has.
+RECOMPUTE_MODULES = ("core_attn", "mlp", "layernorm")
 DEVICES = ("auto", "cpu", "cuda")
 TOKENIZERS_WITHOUT_MODEL = ("ByteLevelTokenizer",)
 
@@ -105,6 +107,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="interleaved schedule: overlap the pipeline sends/receives with compute (Megatron-LM's "
                         "default); off, they are batched (megatron-core's batch_p2p_comm)")
     g.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available, else the CPU path")
+
+    g = p.add_argument_group("activation recomputation (GPU path; megatron-core's, as in Megatron-LM)")
+    g.add_argument("--recompute-activations", action=argparse.BooleanOptionalAction, default=False,
+                   help="recompute the attention core (scores, softmax, dropout) in the backward instead of "
+                        "storing it: --recompute-granularity selective")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"), default=None,
+                   help="full: store only the input of each group of --recompute-num-layers layers and recompute "
+                        "the group in the backward (needs --recompute-method); selective: recompute "
+                        "--recompute-modules")
+    g.add_argument("--recompute-method", choices=("uniform", "block"), default=None,
+                   help="full recomputation: uniform checkpoints every group of --recompute-num-layers layers; "
+                        "block only the first --recompute-num-layers layers of each (virtual) pipeline stage")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="full recomputation: layers per group (uniform) or per stage (block)")
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="selective recomputation: the parts to recompute (default: core_attn)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -239,7 +257,11 @@ def _coerce(action: argparse.Action, key: str, value: Any, source: str) -> Any:
         return not value if isinstance(action, argparse._StoreFalseAction) else value
     if action.nargs in ("+", "*"):
         values = value if isinstance(value, list) else str(value).split()
-        return [action.type(v) if action.type else str(v) for v in values]
+        values = [action.type(v) if action.type else str(v) for v in values]
+        if action.choices is not None and not set(values) <= set(action.choices):
+            raise ConfigError(f"{source}: {key} must be one or more of {', '.join(map(str, action.choices))}, "
+                              f"got {value!r}")
+        return values
     if value is not None and action.type is not None:
         try:
             value = action.type(value)
@@ -385,6 +407,58 @@ def _check_pipeline_layers(args: argparse.Namespace) -> None:
                 f"divisible by --num-layers-per-virtual-pipeline-stage {vp}")
 
 
+def _chunk_layer_counts(args: argparse.Namespace) -> set[int]:
+    """The layer counts of the model chunks (pipeline stages, or virtual stages) this layout has."""
+    pp, vp = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
+    if vp is not None:
+        return {vp}
+    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
+    uneven = [n for n in (first, last) if n is not None]
+    middle_stages = pp - len(uneven)
+    middle = [(args.num_layers - sum(uneven)) // middle_stages] if middle_stages else []
+    return set(uneven + middle)
+
+
+def _check_recompute(args: argparse.Namespace) -> None:
+    """Activation recomputation is one consistent request; fills ``recompute_granularity``."""
+    if args.recompute_activations:
+        if args.recompute_granularity == "full":
+            raise ConfigError("--recompute-activations (selective recomputation) and --recompute-granularity full "
+                              "exclude each other: give one")
+        args.recompute_granularity = "selective"
+    granularity, method, layers = args.recompute_granularity, args.recompute_method, args.recompute_num_layers
+    if args.recompute_modules is not None:
+        if granularity != "selective":
+            raise ConfigError("--recompute-modules needs --recompute-granularity selective (or --recompute-activations)")
+        unknown = sorted(set(args.recompute_modules) - set(RECOMPUTE_MODULES))
+        if unknown or not args.recompute_modules:
+            raise ConfigError(f"--recompute-modules must be one or more of {', '.join(RECOMPUTE_MODULES)}, "
+                              f"got {' '.join(args.recompute_modules) or 'none'}")
+        if "mlp" in args.recompute_modules and not args.disable_bias_linear:
+            raise ConfigError("--recompute-modules mlp needs --disable-bias-linear: megatron-core 0.16.1 hands the "
+                              "MLP's output bias, a parameter, out of its checkpoint, which makes the backward "
+                              "recompute without end")
+        if "layernorm" in args.recompute_modules and importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("--recompute-modules layernorm needs Transformer Engine (megatron-core 0.16.1's "
+                              "output-discarding checkpoint reads its FP8 state), which is not installed here")
+    if granularity != "full":
+        given = [flag for flag, value in (("--recompute-method", method), ("--recompute-num-layers", layers)) if value is not None]
+        if given:
+            raise ConfigError(f"{' and '.join(given)} {'need' if len(given) > 1 else 'needs'} "
+                              "--recompute-granularity full")
+        return
+    if method is None or layers is None:
+        raise ConfigError("--recompute-granularity full needs --recompute-method {uniform,block} and "
+                          "--recompute-num-layers")
+    chunks = _chunk_layer_counts(args)
+    if method == "uniform" and (layers < 1 or any(n % layers for n in chunks)):
+        raise ConfigError(f"--recompute-method uniform: --recompute-num-layers {layers} must divide the layers of "
+                          f"every (virtual) pipeline stage ({', '.join(map(str, sorted(chunks)))})")
+    if method == "block" and not 1 <= layers <= max(chunks):
+        raise ConfigError(f"--recompute-method block: --recompute-num-layers {layers} must be between 1 and the "
+                          f"layers of a (virtual) pipeline stage ({max(chunks)})")
+
+
 def _check_data_files(args: argparse.Namespace) -> None:
     """The .bin/.idx files and the tokenizer model exist, and ``--split`` suits ``--eval-iters``."""
     prefixes, _ = parse_data_path(args.data_path)
@@ -463,6 +537,7 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
     _check_pipeline_layers(args)
+    _check_recompute(args)
     vp_layers = args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = None if vp_layers is None else args.num_layers // pp // vp_layers
 
@@ -584,6 +659,8 @@ def _check_cpu_path(args: argparse.Namespace) -> None:
         ("--sequence-parallel", args.sequence_parallel),
         ("--gradient-accumulation-fusion", args.gradient_accumulation_fusion),
         ("--transformer-impl transformer_engine", args.transformer_impl == "transformer_engine"),
+        # megatron-core's checkpointed forward saves and restores the CUDA generator's state.
+        (f"--recompute-granularity {args.recompute_granularity}", args.recompute_granularity is not None),
     ) if on]
     if gpu_only:
         raise ConfigError(f"{', '.join(gpu_only)}: GPU path only (no CUDA here; the CPU path runs tensor and "

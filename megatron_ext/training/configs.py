@@ -56,6 +56,10 @@ def transformer_config(args: argparse.Namespace) -> ExtTransformerConfig:
         pipeline_dtype=dtype,
         bf16=args.bf16,
         fp16=args.fp16,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=args.recompute_modules,
         deallocate_pipeline_outputs=args.use_cuda,
         cuda_graph_scope=[],  # the whole layer: megatron-core's default "full", which it warns is deprecated
         # As Megatron-LM: overlapped (unbatched) p2p for the interleaved schedule. Batched,
