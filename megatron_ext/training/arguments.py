@@ -372,8 +372,9 @@ def _resolve_fusions(args: argparse.Namespace) -> None:
             setattr(args, dest, default)
 
 
-def _check_pipeline_layers(args: argparse.Namespace) -> None:
-    """The layer split over pipeline stages (first/last stage sizes, virtual stages) is exact."""
+def _check_pipeline_layers(args: argparse.Namespace) -> set[int]:
+    """The layer split over pipeline stages (first/last stage sizes, virtual stages) is exact;
+    returns the layer counts of the model chunks (pipeline stages, or virtual stages)."""
     L, pp = args.num_layers, args.pipeline_model_parallel_size
     first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
     if (first is not None or last is not None) and pp == 1:
@@ -405,22 +406,14 @@ def _check_pipeline_layers(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--num-layers {L} / --pipeline-model-parallel-size {pp} = {L // pp} layers per stage is not "
                 f"divisible by --num-layers-per-virtual-pipeline-stage {vp}")
-
-
-def _chunk_layer_counts(args: argparse.Namespace) -> set[int]:
-    """The layer counts of the model chunks (pipeline stages, or virtual stages) this layout has."""
-    pp, vp = args.pipeline_model_parallel_size, args.num_layers_per_virtual_pipeline_stage
-    if vp is not None:
         return {vp}
-    first, last = args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers
-    uneven = [n for n in (first, last) if n is not None]
-    middle_stages = pp - len(uneven)
-    middle = [(args.num_layers - sum(uneven)) // middle_stages] if middle_stages else []
-    return set(uneven + middle)
+    uneven = {n for n in (first, last) if n is not None}
+    return uneven | ({middle_layers // middle_stages} if middle_stages else set())
 
 
-def _check_recompute(args: argparse.Namespace) -> None:
-    """Activation recomputation is one consistent request; fills ``recompute_granularity``."""
+def _check_recompute(args: argparse.Namespace, chunks: set[int]) -> None:
+    """Activation recomputation is one consistent request for model chunks of ``chunks`` layers;
+    fills ``recompute_granularity``."""
     if args.recompute_activations:
         if args.recompute_granularity == "full":
             raise ConfigError("--recompute-activations (selective recomputation) and --recompute-granularity full "
@@ -430,10 +423,8 @@ def _check_recompute(args: argparse.Namespace) -> None:
     if args.recompute_modules is not None:
         if granularity != "selective":
             raise ConfigError("--recompute-modules needs --recompute-granularity selective (or --recompute-activations)")
-        unknown = sorted(set(args.recompute_modules) - set(RECOMPUTE_MODULES))
-        if unknown or not args.recompute_modules:
-            raise ConfigError(f"--recompute-modules must be one or more of {', '.join(RECOMPUTE_MODULES)}, "
-                              f"got {' '.join(args.recompute_modules) or 'none'}")
+        if not args.recompute_modules:  # argparse and the YAML reader check the names; a YAML [] gets here
+            raise ConfigError(f"--recompute-modules must be one or more of {', '.join(RECOMPUTE_MODULES)}, got none")
         if "mlp" in args.recompute_modules and not args.disable_bias_linear:
             raise ConfigError("--recompute-modules mlp needs --disable-bias-linear: megatron-core 0.16.1 hands the "
                               "MLP's output bias, a parameter, out of its checkpoint, which makes the backward "
@@ -450,7 +441,6 @@ def _check_recompute(args: argparse.Namespace) -> None:
     if method is None or layers is None:
         raise ConfigError("--recompute-granularity full needs --recompute-method {uniform,block} and "
                           "--recompute-num-layers")
-    chunks = _chunk_layer_counts(args)
     if method == "uniform" and (layers < 1 or any(n % layers for n in chunks)):
         raise ConfigError(f"--recompute-method uniform: --recompute-num-layers {layers} must divide the layers of "
                           f"every (virtual) pipeline stage ({', '.join(map(str, sorted(chunks)))})")
@@ -536,8 +526,7 @@ def validate_args(args: argparse.Namespace, world_size: int, use_cuda: bool) -> 
         raise ConfigError(f"--sequence-parallel: --seq-length {args.seq_length} is not divisible by --tensor-model-parallel-size {tp}")
     if args.position_embedding_type == "learned_absolute" and args.seq_length > args.max_position_embeddings:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {args.max_position_embeddings}")
-    _check_pipeline_layers(args)
-    _check_recompute(args)
+    _check_recompute(args, _check_pipeline_layers(args))
     vp_layers = args.num_layers_per_virtual_pipeline_stage
     args.virtual_pipeline_model_parallel_size = None if vp_layers is None else args.num_layers // pp // vp_layers
 
